@@ -1,0 +1,12 @@
+"""Functional few-bit activations, named and parameterized as in torch.nn.functional."""
+
+from .activations import (  # noqa: F401
+    celu, elu, gelu, hardshrink, hardsigmoid, hardswish, hardtanh, leaky_relu, logsigmoid, mish, relu, relu6,
+    selu, sigmoid, silu, softplus, softshrink, softsign, tanh, tanhshrink, threshold,
+)
+
+__all__ = [
+    "gelu", "celu", "elu", "hardswish", "logsigmoid", "mish", "selu", "sigmoid", "silu", "softplus", "softsign",
+    "tanh", "tanhshrink", "relu", "leaky_relu", "threshold", "hardsigmoid", "hardtanh", "relu6", "hardshrink",
+    "softshrink",
+]

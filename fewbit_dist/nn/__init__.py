@@ -1,0 +1,4 @@
+"""nn.Module drop-ins: `fewbit_dist.nn.GELU(bits=3)` is also exported as `fewbit_dist.GELU`."""
+
+from .activations import *  # noqa: F401,F403
+from .activations import __all__  # noqa: F401
