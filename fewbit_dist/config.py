@@ -1,0 +1,112 @@
+"""FewBitConfig: what `fewbit_dist.convert` does to a model, from a dict, a JSON file or keywords."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Union
+
+__all__ = ["FewBitConfig", "ConfigLike"]
+
+
+def _patterns(value, name) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise TypeError(f"{name} must be a glob pattern or a list of non-empty glob patterns, got {value!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class FewBitConfig:
+    """Fields:
+
+    activation_bits: 1..8 bits per element saved by smooth activations (GELU, SiLU, ...), or None to leave
+        activations alone. Piecewise-linear activations (ReLU, ...) always use 1 exact bit when converted.
+    include: glob patterns over dotted module paths (``"encoder.layer.*"``); only matching modules (and
+        their descendants) are converted. Empty: everything.
+    exclude: glob patterns; matching modules and their descendants are left alone. Wins over include.
+    convert_transformers: also convert the activation modules of Hugging Face transformers
+        (GELUActivation, NewGELUActivation, QuickGELUActivation, SiLUActivation, ...).
+
+    `*` in a pattern matches any characters, dots included. Every pattern must match at least one module
+    path of the model, or `convert` raises: a typo must not silently convert nothing.
+    """
+
+    activation_bits: Union[int, None] = 3
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    convert_transformers: bool = True
+
+    def __post_init__(self):
+        bits = self.activation_bits
+        if bits is not None:
+            if isinstance(bits, bool) or not isinstance(bits, int):
+                raise TypeError(f"activation_bits must be an int in 1..8 or None, got {bits!r}")
+            if not 1 <= bits <= 8:
+                raise ValueError(f"activation_bits must be in 1..8 or None, got {bits}")
+        object.__setattr__(self, "include", _patterns(self.include, "include"))
+        object.__setattr__(self, "exclude", _patterns(self.exclude, "exclude"))
+        if not isinstance(self.convert_transformers, bool):
+            raise TypeError(f"convert_transformers must be a bool, got {self.convert_transformers!r}")
+
+    # ------------------------------------------------------------------------------ construction
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "FewBitConfig":
+        if not isinstance(data, Mapping):
+            raise TypeError(f"a fewbit config must be a mapping, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown fewbit config key(s) {unknown}; valid keys: {', '.join(cls.field_names())}")
+        return cls(**dict(data))
+
+    @classmethod
+    def from_json(cls, path: Union[str, os.PathLike]) -> "FewBitConfig":
+        """Read a JSON object; a file with a top-level "fewbit" section (a training config) uses that."""
+        try:
+            with open(path) as fh:
+                data = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from None
+        if isinstance(data, dict) and isinstance(data.get("fewbit"), dict):
+            data = data["fewbit"]
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, config: "ConfigLike" = None, **overrides) -> "FewBitConfig":
+        """A FewBitConfig from a FewBitConfig, a dict, a JSON path or None (defaults), then `overrides`."""
+        if config is None:
+            base = cls()
+        elif isinstance(config, cls):
+            base = config
+        elif isinstance(config, Mapping):
+            base = cls.from_dict(config)
+        elif isinstance(config, (str, os.PathLike)):
+            base = cls.from_json(config)
+        else:
+            raise TypeError(f"config must be a FewBitConfig, a dict, a JSON file path or None, "
+                            f"got {type(config).__name__}")
+        return base.replace(**overrides) if overrides else base
+
+    def replace(self, **changes) -> "FewBitConfig":
+        unknown = sorted(set(changes) - set(self.field_names()))
+        if unknown:
+            raise ValueError(f"unknown fewbit config key(s) {unknown}; valid keys: {', '.join(self.field_names())}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        return d
+
+
+ConfigLike = Union[FewBitConfig, Mapping[str, Any], str, os.PathLike, None]

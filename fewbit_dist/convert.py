@@ -1,0 +1,119 @@
+"""`convert(model, config=None, **overrides)`: one call that makes a whole model few-bit, in place.
+
+It swaps the torch.nn activations (the 21 of `fewbit_dist.nn`) and the activation modules of Hugging Face
+transformers for their few-bit versions. Parameters, buffers and state_dict keys are untouched (activations
+have none), so checkpoints load both ways. Run it before ZeRO/FSDP wrap or shard the model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .config import ConfigLike, FewBitConfig
+from .integrations.transformers import transformers_activation_spec
+from .nn.activations import PIECEWISE_MODULES, SMOOTH_MODULES, FewBitActivation, FewBitModule
+from .util import map_module
+
+__all__ = ["convert", "convert_activation", "ConversionReport", "conversion_report"]
+
+log = logging.getLogger("fewbit_dist")
+
+
+@dataclass
+class ConversionReport:
+    """What `convert` swapped: one (path, before, after) per module."""
+
+    config: FewBitConfig
+    swapped: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(before for _, before, _ in self.swapped))
+
+    def __str__(self) -> str:
+        if not self.swapped:
+            return "fewbit_dist.convert: nothing to convert"
+        lines = [f"fewbit_dist.convert: {len(self.swapped)} module(s) swapped"]
+        lines += [f"  {n} x {cls}" for cls, n in sorted(self.counts().items())]
+        return "\n".join(lines)
+
+
+def _ctor_kwargs(new_cls, old: nn.Module) -> dict:
+    """Constructor arguments of `new_cls` (named as in torch.nn) read from the attributes of `old`."""
+    params = inspect.signature(new_cls.__init__).parameters
+    return {name: getattr(old, name) for name in params if name not in ("self", "bits") and hasattr(old, name)}
+
+
+def convert_activation(module: nn.Module, bits: int, convert_transformers: bool = True) -> nn.Module:
+    """The few-bit replacement of one activation module, or `module` itself when it is not one we convert."""
+    if isinstance(module, FewBitModule):
+        return module
+    cls = type(module)  # exact class: a user's subclass may override forward, so it is not ours to replace
+    if cls in SMOOTH_MODULES:
+        new_cls = SMOOTH_MODULES[cls]
+        return new_cls(**_ctor_kwargs(new_cls, module), bits=bits)
+    if cls in PIECEWISE_MODULES:
+        new_cls = PIECEWISE_MODULES[cls]
+        return new_cls(**_ctor_kwargs(new_cls, module))
+    if convert_transformers:
+        spec = transformers_activation_spec(module, bits)
+        if spec is not None:
+            return FewBitActivation(module, bits=bits, spec=spec, name=cls.__name__)
+    return module
+
+
+def _matches(path: str, patterns) -> bool:
+    # A pattern selects the module at a matching path and everything below it.
+    return any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(path, p + ".*") for p in patterns)
+
+
+def _check_patterns(model: nn.Module, cfg: FewBitConfig) -> None:
+    paths = [p for p, _ in model.named_modules() if p]
+    for kind in ("include", "exclude"):
+        for p in getattr(cfg, kind):
+            if not any(_matches(path, [p]) for path in paths):
+                sample = ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")
+                raise ValueError(f"{kind} pattern {p!r} matches no module path of the model (paths look like: "
+                                 f"{sample}); `*` matches any characters, dots included")
+
+
+def convert(model: nn.Module, config: ConfigLike = None, **overrides) -> nn.Module:
+    """Convert `model` in place and return it (the returned object is the model, unless the model itself
+    is a bare activation module, which is then returned replaced). `conversion_report(model)` tells what
+    changed. `config`: FewBitConfig, dict, JSON path or None; keyword overrides are config fields."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    cfg = FewBitConfig.load(config, **overrides)
+    _check_patterns(model, cfg)
+    report = ConversionReport(cfg)
+
+    def swap(module: nn.Module, path: str) -> nn.Module:
+        if cfg.activation_bits is None:
+            return module
+        if cfg.include and not _matches(path, cfg.include):
+            return module
+        if cfg.exclude and _matches(path, cfg.exclude):
+            return module
+        new = convert_activation(module, cfg.activation_bits, cfg.convert_transformers)
+        if new is not module:
+            new.train(module.training)
+            report.swapped.append((path, type(module).__name__, repr(new)))
+        return new
+
+    out = map_module(model, swap)
+    out.__dict__["_fewbit_report"] = report
+    log.info("%s", report)
+    return out
+
+
+def conversion_report(model: nn.Module) -> ConversionReport:
+    """The report of the last `convert` applied to `model`."""
+    try:
+        return model.__dict__["_fewbit_report"]
+    except KeyError:
+        raise ValueError("this model was not converted by fewbit_dist.convert") from None
