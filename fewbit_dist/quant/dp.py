@@ -9,16 +9,18 @@ error  sum_groups integral (g - level)^2 w  is minimal. For a fixed group the be
 s1/s0 and the error is  s2 - s1^2 / s0, so everything reduces to prefix sums.
 
 `optimal_segmentation` solves it exactly by dynamic programming over cell boundaries (O(K M^2) time,
-vectorized over one index). `refine_borders` then polishes a segmentation on a finer partition by exact
-block-coordinate descent: each border in turn moves to the best fine boundary between its neighbours. Each
-move can only lower the error, so refinement never undoes what the DP found.
+vectorized over one index). `refine_borders` then polishes a segmentation found on a coarse grid over a
+finer partition: exact DP restricted to a window of fine boundaries around each border (all borders move
+together, which coordinate-wise moves cannot do), alternated with exact block-coordinate descent (each
+border to the best fine boundary between its neighbours) until neither changes anything. Every step can
+only lower the error, so refinement never undoes what the coarse DP found.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["segment_errors", "optimal_segmentation", "refine_borders", "segmentation_error"]
+__all__ = ["segment_errors", "optimal_segmentation", "refine_borders", "segmentation_error", "windowed_dp"]
 
 
 def _prefix(values: np.ndarray) -> np.ndarray:
@@ -73,15 +75,28 @@ def segmentation_error(P0, P1, P2, cuts) -> float:
     return float(segment_errors(P0, P1, P2, bounds[:-1], bounds[1:]).sum())
 
 
-def refine_borders(s0, s1, s2, cuts, max_sweeps: int = 200) -> np.ndarray:
-    """Exact block-coordinate descent on the cut positions over a (finer) partition of cells.
-
-    Border i moves to the position between its neighbours that minimizes the error of the two groups it
-    separates. Sweeps repeat until no border moves (or `max_sweeps`); the error never increases.
-    """
-    P0, P1, P2 = _prefix(np.asarray(s0, np.float64)), _prefix(np.asarray(s1, np.float64)), _prefix(np.asarray(s2, np.float64))
+def windowed_dp(P0, P1, P2, cuts, window: int) -> np.ndarray:
+    """Exact optimum over segmentations whose i-th cut lies within `window` boundaries of cuts[i]."""
     m = P0.size - 1
-    bounds = np.concatenate([[0], np.asarray(cuts, np.int64), [m]])
+    cands = [np.arange(max(1, c - window), min(m - 1, c + window) + 1) for c in cuts]
+    best = segment_errors(P0, P1, P2, 0, cands[0])
+    backs = []
+    for prev, cur in zip(cands, cands[1:]):
+        total = best[:, None] + segment_errors(P0, P1, P2, prev[:, None], cur[None, :])
+        total[prev[:, None] >= cur[None, :]] = np.inf
+        arg = np.argmin(total, axis=0)
+        backs.append(arg)
+        best = total[arg, np.arange(cur.size)]
+    best = best + segment_errors(P0, P1, P2, cands[-1], m)
+    j = int(np.argmin(best))
+    out = [int(cands[-1][j])]
+    for i in range(len(backs) - 1, -1, -1):
+        j = int(backs[i][j])
+        out.append(int(cands[i][j]))
+    return np.array(out[::-1], dtype=np.int64)
+
+
+def _coordinate_descent(P0, P1, P2, bounds, max_sweeps):
     for _ in range(max_sweeps):
         moved = False
         for i in range(1, bounds.size - 1):
@@ -97,5 +112,26 @@ def refine_borders(s0, s1, s2, cuts, max_sweeps: int = 200) -> np.ndarray:
                 bounds[i] = j
                 moved = True
         if not moved:
+            return
+
+
+def refine_borders(s0, s1, s2, cuts, window: int = 32, max_rounds: int = 50) -> np.ndarray:
+    """Polish `cuts` on the partition (s0, s1, s2): windowed DP and coordinate descent, alternated until
+    a fixed point. The error never increases."""
+    P0, P1, P2 = (_prefix(np.asarray(s, np.float64)) for s in (s0, s1, s2))
+    m = P0.size - 1
+    cuts = np.asarray(cuts, np.int64)
+    if cuts.size == 0:
+        return cuts.copy()
+    err = segmentation_error(P0, P1, P2, cuts)
+    for _ in range(max_rounds):
+        bounds = np.concatenate([[0], cuts, [m]])
+        _coordinate_descent(P0, P1, P2, bounds, max_sweeps=200)
+        # The window holds the descended cuts, so the windowed optimum is no worse than they are.
+        new = windowed_dp(P0, P1, P2, bounds[1:-1], window)
+        new_err = segmentation_error(P0, P1, P2, new)
+        improved = new_err < err - 1e-15 * max(1.0, err)
+        cuts, err = new, min(err, new_err)
+        if not improved:
             break
-    return bounds[1:-1].copy()
+    return cuts.copy()
