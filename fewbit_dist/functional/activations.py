@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ..quant.packing import pack_codes, unpack_codes
 from ..quant.tables import Table, canonical_params, function_for, table
@@ -81,6 +82,7 @@ class _FewBitActivationFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the step derivative has no useful second derivative: refuse, loudly
     def backward(ctx, grad_out: torch.Tensor):
         (packed,) = ctx.saved_tensors
         spec: ActivationSpec = ctx.spec
@@ -128,7 +130,7 @@ def _bucketizer(tab: Table) -> Callable[[torch.Tensor], torch.Tensor]:
         borders = cache.get(key)
         if borders is None:
             borders = cache.setdefault(key, tab.borders_tensor(x.device, dtype))
-        return torch.bucketize(x.to(dtype), borders, right=True, out_int32=True)
+        return torch.bucketize(x.to(dtype).contiguous(), borders, right=True, out_int32=True)
 
     return encode
 
@@ -199,8 +201,12 @@ def relu6_spec() -> ActivationSpec:
     return _piecewise("relu6", F.relu6, lambda x: ~((x <= 0) | (x >= 6)), 0.0, 1.0)
 
 
+# torch's CPU hardsigmoid backward multiplies by 1/6 rounded to fp32, for fp64 inputs too; so do we.
+_ONE_SIXTH_FP32 = float(torch.tensor(1.0 / 6.0, dtype=torch.float32))
+
+
 def hardsigmoid_spec() -> ActivationSpec:
-    return _piecewise("hardsigmoid", F.hardsigmoid, lambda x: (x > -3) & (x < 3), 0.0, 1.0 / 6.0)
+    return _piecewise("hardsigmoid", F.hardsigmoid, lambda x: (x > -3) & (x < 3), 0.0, _ONE_SIXTH_FP32)
 
 
 def shrink_spec(name, lambd) -> ActivationSpec:

@@ -206,9 +206,11 @@ class Hardsigmoid(_Piecewise, nn.Hardsigmoid):
 
 
 class Hardtanh(_Piecewise, nn.Hardtanh):
-    def __init__(self, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False):
-        nn.Hardtanh.__init__(self, min_val, max_val, inplace)
-        self.spec()
+    def __init__(self, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False,
+                 min_value: float | None = None, max_value: float | None = None):
+        # Check before torch does (it asserts), so a bad range is a ValueError naming the arguments.
+        FA.hardtanh_spec(min_val if min_value is None else min_value, max_val if max_value is None else max_value)
+        nn.Hardtanh.__init__(self, min_val, max_val, inplace, min_value, max_value)
 
     def spec(self):
         return FA.hardtanh_spec(self.min_val, self.max_val)
