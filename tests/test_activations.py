@@ -246,6 +246,13 @@ def test_module_repr_state_and_attributes():
     assert torch.equal(m(x), TF.elu(x, 2.0))
 
 
+@pytest.mark.parametrize("bits", [2, 6])
+def test_nan_gets_code_zero(bits):
+    x = torch.tensor([float("nan"), 0.5, -0.5], requires_grad=True)
+    fewbit_dist.SiLU(bits=bits)(x).sum().backward()
+    assert x.grad[0].item() == table("silu", bits).levels[0]
+
+
 def test_double_backward_is_refused():
     x = torch.randn(5, dtype=torch.float64, requires_grad=True)
     y = fewbit_dist.GELU()(x)

@@ -9,7 +9,7 @@ input to integer codes, and the derivative level of each code. One autograd func
               returned in grad_y's dtype.
 
 Smooth functions use the L2-optimal table of `fewbit_dist.quant.table` (code = number of borders <= x,
-compared in fp32, or fp64 for fp64 input). Piecewise-linear ones need 1 bit and are exact: their code is
+compared in fp32, or fp64 for fp64 input; NaN gets code 0). Piecewise-linear ones need 1 bit and are exact: their code is
 the same comparison torch's backward makes (NaN included), their levels the two slopes.
 """
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..quant.packing import pack_codes, unpack_codes
+from ..quant.packing import CHUNK, pack_codes, packed_nbytes, unpack_codes
 from ..quant.tables import Table, canonical_params, function_for, table
 
 __all__ = [
@@ -72,7 +72,7 @@ class _FewBitActivationFn(torch.autograd.Function):
         ctx.spec = spec
         ctx.shape = x.shape
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(pack_codes(spec.encode(x), spec.bits))
+            ctx.save_for_backward(_encode_and_pack(x, spec))
         with torch.no_grad():
             y = spec.forward(x)
         if inplace:
@@ -86,10 +86,31 @@ class _FewBitActivationFn(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         (packed,) = ctx.saved_tensors
         spec: ActivationSpec = ctx.spec
-        codes = unpack_codes(packed, spec.bits, grad_out.numel()).view(ctx.shape)
-        levels = spec.levels_tensor(grad_out.device, _opmath(grad_out.dtype))
-        grad_in = levels[codes] * grad_out.to(levels.dtype)
-        return grad_in.to(grad_out.dtype), None, None
+        return _unpack_and_scale(packed, spec, grad_out).view(ctx.shape), None, None
+
+
+def _encode_and_pack(x: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:
+    """Codes of x packed at spec.bits per element, a chunk at a time (temporaries stay O(CHUNK))."""
+    flat = x.reshape(-1)
+    n, bits = flat.numel(), spec.bits
+    packed = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8, device=x.device)
+    for s in range(0, n, CHUNK):  # CHUNK is a multiple of 8: each chunk starts on a byte boundary
+        e = min(n, s + CHUNK)
+        pack_codes(spec.encode(flat[s:e]), bits, out=packed[s * bits // 8: packed_nbytes(e, bits)])
+    return packed
+
+
+def _unpack_and_scale(packed: torch.Tensor, spec: ActivationSpec, grad_out: torch.Tensor) -> torch.Tensor:
+    """levels[code] * grad_out in opmath, returned in grad_out's dtype, a chunk at a time."""
+    g = grad_out.reshape(-1)
+    n, bits = g.numel(), spec.bits
+    levels = spec.levels_tensor(grad_out.device, _opmath(grad_out.dtype))
+    grad_in = torch.empty(n, dtype=grad_out.dtype, device=grad_out.device)
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        codes = unpack_codes(packed[s * bits // 8: packed_nbytes(e, bits)], bits, e - s, dtype=torch.int32)
+        grad_in[s:e] = levels.index_select(0, codes) * g[s:e].to(levels.dtype)
+    return grad_in
 
 
 def _check_input(x, name):
@@ -122,6 +143,7 @@ def _check_bits(bits, name):
 
 
 def _bucketizer(tab: Table) -> Callable[[torch.Tensor], torch.Tensor]:
+    """code(x) = number of borders <= x, compared in opmath (fp32, or fp64 for fp64 input)."""
     cache: dict = {}
 
     def encode(x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +152,14 @@ def _bucketizer(tab: Table) -> Callable[[torch.Tensor], torch.Tensor]:
         borders = cache.get(key)
         if borders is None:
             borders = cache.setdefault(key, tab.borders_tensor(x.device, dtype))
-        return torch.bucketize(x.to(dtype).contiguous(), borders, right=True, out_int32=True)
+        xs = x.to(dtype)
+        if borders.numel() <= 15:  # up to 4 bits: a few comparisons beat a binary search
+            codes = (xs >= borders[0]).to(torch.uint8)
+            for i in range(1, borders.numel()):
+                codes += xs >= borders[i]
+            return codes
+        codes = torch.bucketize(xs.contiguous(), borders, right=True, out_int32=True)
+        return codes.masked_fill_(xs.isnan(), 0)  # NaN compares false with every border: code 0, as above
 
     return encode
 
