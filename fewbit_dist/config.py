@@ -32,6 +32,11 @@ class FewBitConfig:
     exclude: glob patterns; matching modules and their descendants are left alone. Wins over include.
     convert_transformers: also convert the activation modules of Hugging Face transformers
         (GELUActivation, NewGELUActivation, QuickGELUActivation, SiLUActivation, ...).
+    proj_dim_ratio / proj_dim: turn every matched nn.Linear into a RandomizedLinear whose weight gradient
+        comes from a sketch of ceil(proj_dim_ratio * rows) rows (a ratio in (0, 1]) or of proj_dim rows.
+        Both None (the default): linear layers stay nn.Linear.
+    proj_dim_min / proj_dim_max: clamp the sketch size (rows).
+    sketch: 'count' (default), 'rownorm', 'gaussian' or 'rademacher' (fewbit_dist.functional.sketch).
 
     `*` in a pattern matches any characters, dots included. Every pattern must match at least one module
     path of the model, or `convert` raises: a typo must not silently convert nothing.
@@ -41,6 +46,11 @@ class FewBitConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     convert_transformers: bool = True
+    proj_dim_ratio: Union[float, None] = None
+    proj_dim: Union[int, None] = None
+    proj_dim_min: Union[int, None] = None
+    proj_dim_max: Union[int, None] = None
+    sketch: str = "count"
 
     def __post_init__(self):
         bits = self.activation_bits
@@ -53,6 +63,23 @@ class FewBitConfig:
         object.__setattr__(self, "exclude", _patterns(self.exclude, "exclude"))
         if not isinstance(self.convert_transformers, bool):
             raise TypeError(f"convert_transformers must be a bool, got {self.convert_transformers!r}")
+        from .functional.sketch import sketch_for
+        from .nn.linear import check_projection_args
+
+        if self.randomized_linear:
+            check_projection_args(self.proj_dim_ratio, self.proj_dim, self.proj_dim_min, self.proj_dim_max)
+        elif self.proj_dim_min is not None or self.proj_dim_max is not None:
+            raise ValueError("proj_dim_min/proj_dim_max need proj_dim_ratio or proj_dim (they clamp the sketch size)")
+        sketch_for(self.sketch)
+
+    @property
+    def randomized_linear(self) -> bool:
+        """Whether matched nn.Linear layers become RandomizedLinear."""
+        return self.proj_dim_ratio is not None or self.proj_dim is not None
+
+    def linear_kwargs(self) -> dict:
+        return {"proj_dim_ratio": self.proj_dim_ratio, "proj_dim": self.proj_dim,
+                "proj_dim_min": self.proj_dim_min, "proj_dim_max": self.proj_dim_max, "sketch": self.sketch}
 
     # ------------------------------------------------------------------------------ construction
 

@@ -1,8 +1,10 @@
 """`convert(model, config=None, **overrides)`: one call that makes a whole model few-bit, in place.
 
 It swaps the torch.nn activations (the 21 of `fewbit_dist.nn`) and the activation modules of Hugging Face
-transformers for their few-bit versions. Parameters, buffers and state_dict keys are untouched (activations
-have none), so checkpoints load both ways. Run it before ZeRO/FSDP wrap or shard the model.
+transformers for their few-bit versions, and, when the config asks for sketches (proj_dim_ratio or
+proj_dim), every nn.Linear for a RandomizedLinear sharing its Parameters. Parameters, buffers and
+state_dict keys are untouched, so checkpoints load both ways and tied weights stay tied. Run it before
+ZeRO/FSDP wrap or shard the model.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from torch import nn
 from .config import ConfigLike, FewBitConfig
 from .integrations.transformers import transformers_activation_spec
 from .nn.activations import PIECEWISE_MODULES, SMOOTH_MODULES, FewBitActivation, FewBitModule
-from .util import map_module
+from .nn.linear import RandomizedLinear
+from .util import convert_linear, map_module
 
 __all__ = ["convert", "convert_activation", "ConversionReport", "conversion_report"]
 
@@ -93,13 +96,15 @@ def convert(model: nn.Module, config: ConfigLike = None, **overrides) -> nn.Modu
     report = ConversionReport(cfg)
 
     def swap(module: nn.Module, path: str) -> nn.Module:
-        if cfg.activation_bits is None:
-            return module
         if cfg.include and not _matches(path, cfg.include):
             return module
         if cfg.exclude and _matches(path, cfg.exclude):
             return module
-        new = convert_activation(module, cfg.activation_bits, cfg.convert_transformers)
+        new = module
+        if cfg.activation_bits is not None:
+            new = convert_activation(module, cfg.activation_bits, cfg.convert_transformers)
+        if new is module and cfg.randomized_linear:
+            new = convert_linear(module, RandomizedLinear, **cfg.linear_kwargs())
         if new is not module:
             new.train(module.training)
             report.swapped.append((path, type(module).__name__, repr(new)))

@@ -5,7 +5,9 @@ from .activations import (  # noqa: F401
     selu, sigmoid, silu, softplus, softshrink, softsign, tanh, tanhshrink, threshold,
 )
 
-__all__ = [
+from .linear import randomized_linear  # noqa: F401
+
+__all__ = ["randomized_linear",
     "gelu", "celu", "elu", "hardswish", "logsigmoid", "mish", "selu", "sigmoid", "silu", "softplus", "softsign",
     "tanh", "tanhshrink", "relu", "leaky_relu", "threshold", "hardsigmoid", "hardtanh", "relu6", "hardshrink",
     "softshrink",

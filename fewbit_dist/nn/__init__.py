@@ -1,4 +1,7 @@
 """nn.Module drop-ins: `fewbit_dist.nn.GELU(bits=3)` is also exported as `fewbit_dist.GELU`."""
 
 from .activations import *  # noqa: F401,F403
-from .activations import __all__  # noqa: F401
+from .activations import __all__ as _activations
+from .linear import RandomizedLinear  # noqa: F401
+
+__all__ = [*_activations, "RandomizedLinear"]

@@ -1,0 +1,121 @@
+"""Randomized linear layer: exact forward, grad input and grad bias; unbiased sketched grad weight.
+
+    y = x W^T + b                       exact
+    grad_x = g W,  grad_b = sum_rows g  exact
+    grad_W ~ (S^T g)^T (S^T x)          unbiased: E[S S^T] = I (see sketch.py)
+
+Forward saves S^T x (k x n_in, in x's dtype) and the seed of S; backward regenerates S. With k >= B (the
+number of rows, the product of x's leading dims) sketching saves nothing, so x itself is kept and grad_W is
+exact.
+
+Seeds. Each forward draws a fresh 62-bit seed from torch's default CPU generator (or from `generator`), so
+`torch.manual_seed` makes runs reproducible and consecutive steps use different sketches. Activation
+checkpointing (torch.utils.checkpoint, reentrant or not; DeepSpeed's) restores the CPU RNG state before it
+recomputes a forward, so the recompute draws the same seed and saves the same sketch. Data-parallel ranks
+usually share one seed (torch.manual_seed(s) everywhere), which would give every rank the same S and stop
+the averaged gradient's variance from shrinking with the number of ranks; so the drawn seed is mixed with
+the torch.distributed rank when a process group is initialized: every rank sketches independently.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .sketch import sketch_for
+
+__all__ = ["randomized_linear", "projection_dim", "draw_seed"]
+
+_SEED_BITS = 62
+_GOLDEN = 0x9E3779B97F4A7C15  # odd constant of the golden ratio: spreads ranks over the seed space
+
+
+def draw_seed(generator: Optional[torch.Generator] = None) -> int:
+    """A fresh seed from `generator` (default: torch's CPU generator), mixed with the distributed rank."""
+    if generator is None:
+        seed = int(torch.randint(0, 1 << _SEED_BITS, (1,)).item())
+    else:
+        seed = int(torch.randint(0, 1 << _SEED_BITS, (1,), generator=generator, device=generator.device).item())
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        seed = (seed + torch.distributed.get_rank() * _GOLDEN) % (1 << _SEED_BITS)
+    return seed
+
+
+def projection_dim(rows: int, proj_dim: Optional[int] = None, proj_dim_ratio: Optional[float] = None,
+                   proj_dim_min: Optional[int] = None, proj_dim_max: Optional[int] = None) -> int:
+    """k for a batch of `rows` rows: proj_dim, or ceil(proj_dim_ratio * rows), clamped to [min, max], >= 1."""
+    k = proj_dim if proj_dim is not None else math.ceil(proj_dim_ratio * rows)
+    if proj_dim_min is not None:
+        k = max(k, proj_dim_min)
+    if proj_dim_max is not None:
+        k = min(k, proj_dim_max)
+    return max(1, k)
+
+
+class _RandomizedLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, k, sketch_name, generator):
+        y = F.linear(x, weight, bias)
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        if not ctx.needs_input_grad[1]:  # nothing to estimate: keep only what grad_x needs
+            ctx.mode = "none"
+            ctx.save_for_backward(weight)
+            return y
+        x2 = x.reshape(-1, x.shape[-1])
+        if k >= x2.shape[0]:
+            ctx.mode = "exact"
+            ctx.save_for_backward(weight, x2)
+            return y
+        sketch = sketch_for(sketch_name)
+        seed = draw_seed(generator)
+        x_s, extra = sketch.compress(x2, k, seed)
+        ctx.mode, ctx.sketch, ctx.seed, ctx.k = "sketch", sketch, seed, k
+        ctx.extra_count = 0 if extra is None else len(extra)
+        ctx.save_for_backward(weight, x_s, *(extra or ()))
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        weight, *rest = ctx.saved_tensors
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g2 @ weight.to(g2.dtype)).view(ctx.x_shape)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0)
+        if ctx.needs_input_grad[1]:
+            if ctx.mode == "exact":
+                grad_w = g2.t() @ rest[0]
+            else:
+                x_s, extra = rest[0], tuple(rest[1:]) or None
+                g_s = ctx.sketch.compress_like(g2, ctx.k, ctx.seed, extra)
+                grad_w = g_s.t() @ x_s
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def randomized_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                      proj_dim: int, sketch: Optional[str] = None,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """F.linear with a sketched weight gradient of `proj_dim` rows (see the module docstring).
+
+    Under torch.autocast the operands are cast to the autocast dtype first, as autocast does for F.linear.
+    """
+    if not isinstance(proj_dim, int) or isinstance(proj_dim, bool) or proj_dim < 1:
+        raise ValueError(f"proj_dim must be a positive int, got {proj_dim!r}")
+    sketch_for(sketch)  # validate the name early
+    if not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                         or (bias is not None and bias.requires_grad))):
+        return F.linear(input, weight, bias)
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return _RandomizedLinearFn.apply(input, weight, bias, proj_dim, sketch, generator)
+    return _RandomizedLinearFn.apply(input, weight, bias, proj_dim, sketch, generator)

@@ -1,0 +1,75 @@
+"""RandomizedLinear: an nn.Linear whose weight gradient is estimated from a sketch of its input."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..functional.linear import projection_dim, randomized_linear
+from ..functional.sketch import DEFAULT_SKETCH, sketch_for
+
+__all__ = ["RandomizedLinear", "check_projection_args"]
+
+
+def _opt_int(value, name):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    return value
+
+
+def check_projection_args(proj_dim_ratio=None, proj_dim=None, proj_dim_min=None, proj_dim_max=None):
+    """Validate the projection-size arguments; exactly one of proj_dim_ratio and proj_dim is required."""
+    if (proj_dim_ratio is None) == (proj_dim is None):
+        raise ValueError("give exactly one of proj_dim_ratio (a fraction of the rows, in (0, 1]) and proj_dim "
+                         f"(a number of rows); got proj_dim_ratio={proj_dim_ratio!r}, proj_dim={proj_dim!r}")
+    if proj_dim_ratio is not None:
+        if isinstance(proj_dim_ratio, bool) or not isinstance(proj_dim_ratio, (int, float)) \
+                or not math.isfinite(proj_dim_ratio) or not 0 < proj_dim_ratio <= 1:
+            raise ValueError(f"proj_dim_ratio must be in (0, 1], got {proj_dim_ratio!r}")
+    _opt_int(proj_dim, "proj_dim")
+    lo, hi = _opt_int(proj_dim_min, "proj_dim_min"), _opt_int(proj_dim_max, "proj_dim_max")
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"proj_dim_min ({lo}) must be <= proj_dim_max ({hi})")
+
+
+class RandomizedLinear(nn.Linear):
+    """Drop-in nn.Linear: exact forward, grad input and grad bias; grad weight from a k-row sketch.
+
+    k = proj_dim, or ceil(proj_dim_ratio * B) for B input rows (the product of the leading dims), clamped to
+    [proj_dim_min, proj_dim_max]; k >= B keeps the input itself (exact). `sketch`: 'count' (default),
+    'rownorm', 'gaussian' or 'rademacher' (see fewbit_dist.functional.sketch). `generator`: where seeds
+    come from (default: torch's CPU generator). Parameters and state_dict keys are those of nn.Linear.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 proj_dim_ratio: Optional[float] = None, proj_dim: Optional[int] = None,
+                 proj_dim_min: Optional[int] = None, proj_dim_max: Optional[int] = None,
+                 sketch: str = DEFAULT_SKETCH, generator: Optional[torch.Generator] = None):
+        check_projection_args(proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max)
+        sketch_for(sketch)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.proj_dim_ratio, self.proj_dim = proj_dim_ratio, proj_dim
+        self.proj_dim_min, self.proj_dim_max = proj_dim_min, proj_dim_max
+        self.sketch, self.generator = sketch, generator
+
+    def projection_dim(self, rows: int) -> int:
+        return projection_dim(rows, self.proj_dim, self.proj_dim_ratio, self.proj_dim_min, self.proj_dim_max)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        rows = input.numel() // input.shape[-1] if input.dim() and input.shape[-1] else 0
+        return randomized_linear(input, self.weight, self.bias, proj_dim=self.projection_dim(rows),
+                                 sketch=self.sketch, generator=self.generator)
+
+    def extra_repr(self) -> str:
+        size = f"proj_dim={self.proj_dim}" if self.proj_dim is not None else f"proj_dim_ratio={self.proj_dim_ratio}"
+        for name in ("proj_dim_min", "proj_dim_max"):
+            if getattr(self, name) is not None:
+                size += f", {name}={getattr(self, name)}"
+        return f"{super().extra_repr()}, {size}, sketch={self.sketch!r}"
