@@ -8,8 +8,9 @@ Forward saves S^T x (k x n_in, in x's dtype) and the seed of S; backward regener
 number of rows, the product of x's leading dims) sketching saves nothing, so x itself is kept and grad_W is
 exact.
 
-Seeds. Each forward draws a fresh 62-bit seed from torch's default CPU generator (or from `generator`), so
-`torch.manual_seed` makes runs reproducible and consecutive steps use different sketches. Activation
+Seeds. Each call draws a fresh 62-bit seed from torch's default CPU generator (or from `generator`), so
+`torch.manual_seed` makes runs reproducible and consecutive steps use different sketches. It draws one with
+or without autograd, so the RNG stream after the layer (dropout masks) does not depend on the grad mode. Activation
 checkpointing (torch.utils.checkpoint, reentrant or not; DeepSpeed's) restores the CPU RNG state before it
 recomputes a forward, so the recompute draws the same seed and saves the same sketch. Data-parallel ranks
 usually share one seed (torch.manual_seed(s) everywhere), which would give every rank the same S and stop
@@ -58,7 +59,7 @@ def projection_dim(rows: int, proj_dim: Optional[int] = None, proj_dim_ratio: Op
 
 class _RandomizedLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, k, sketch_name, generator):
+    def forward(ctx, x, weight, bias, k, sketch_name, seed):
         y = F.linear(x, weight, bias)
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         if not ctx.needs_input_grad[1]:  # nothing to estimate: keep only what grad_x needs
@@ -71,7 +72,6 @@ class _RandomizedLinearFn(torch.autograd.Function):
             ctx.save_for_backward(weight, x2)
             return y
         sketch = sketch_for(sketch_name)
-        seed = draw_seed(generator)
         x_s, extra = sketch.compress(x2, k, seed)
         ctx.mode, ctx.sketch, ctx.seed, ctx.k = "sketch", sketch, seed, k
         ctx.extra_count = 0 if extra is None else len(extra)
@@ -108,6 +108,9 @@ def randomized_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[
     if not isinstance(proj_dim, int) or isinstance(proj_dim, bool) or proj_dim < 1:
         raise ValueError(f"proj_dim must be a positive int, got {proj_dim!r}")
     sketch_for(sketch)  # validate the name early
+    # Always draw, with or without autograd: reentrant checkpointing runs the forward once without grad and
+    # again with it from the same RNG state, and both runs must consume the RNG alike (dropout after us!).
+    seed = draw_seed(generator)
     if not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
                                          or (bias is not None and bias.requires_grad))):
         return F.linear(input, weight, bias)
@@ -117,5 +120,5 @@ def randomized_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(device_type, enabled=False):
-            return _RandomizedLinearFn.apply(input, weight, bias, proj_dim, sketch, generator)
-    return _RandomizedLinearFn.apply(input, weight, bias, proj_dim, sketch, generator)
+            return _RandomizedLinearFn.apply(input, weight, bias, proj_dim, sketch, seed)
+    return _RandomizedLinearFn.apply(input, weight, bias, proj_dim, sketch, seed)

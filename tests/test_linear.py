@@ -1,0 +1,249 @@
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import fewbit_dist
+from fewbit_dist import RandomizedLinear, conversion_report, convert
+from fewbit_dist.functional.linear import draw_seed, randomized_linear
+from fewbit_dist.functional.sketch import SKETCHES
+from fewbit_dist.memory import SavedTensorMeter
+
+from conftest import TOL
+
+ALL_SKETCHES = sorted(SKETCHES)
+
+
+def pair(n_in, n_out, dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    lin = RandomizedLinear(n_in, n_out, dtype=dtype, **kw)
+    ref = nn.Linear(n_in, n_out, dtype=dtype)
+    ref.load_state_dict(lin.state_dict())
+    return lin, ref
+
+
+@pytest.mark.parametrize("sketch", ALL_SKETCHES)
+@pytest.mark.parametrize("shape", [(37, 24), (3, 11, 24), (2, 3, 5, 24)], ids=["2d", "3d", "4d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["fp32", "fp64", "bf16", "fp16"])
+def test_exact_parts_are_exact(sketch, shape, dtype):
+    lin, ref = pair(24, 10, dtype, proj_dim_ratio=0.3, sketch=sketch)
+    x = torch.randn(shape, dtype=dtype)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y = lin(a)
+    y_ref = ref(b)
+    assert torch.equal(y, y_ref)  # the forward is F.linear itself
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
+    torch.testing.assert_close(lin.bias.grad, ref.bias.grad, rtol=rtol, atol=atol * 10)
+    assert lin.weight.grad.dtype == dtype and lin.weight.grad.shape == ref.weight.grad.shape
+    assert torch.isfinite(lin.weight.grad).all()
+
+
+@pytest.mark.parametrize("sketch", ALL_SKETCHES)
+def test_weight_gradient_is_unbiased(sketch):
+    """Mean of N estimates -> exact at the 1/sqrt(N) rate: ||mean - exact||^2 ~ tr(Cov)/N, while any bias b
+    would leave ||b||^2 however large N is. With ~100 gradient entries the ratio concentrates near 1."""
+    torch.manual_seed(1)
+    rows, n_in, n_out, k = 48, 10, 9, 12
+    x = torch.randn(rows, n_in, dtype=torch.float64) * torch.linspace(0.2, 3, rows, dtype=torch.float64)[:, None]
+    g = torch.randn(rows, n_out, dtype=torch.float64) + x[:, :1]  # correlated with x, as in training
+    w = torch.randn(n_out, n_in, dtype=torch.float64, requires_grad=True)
+    exact = g.t() @ x
+    n = 3000
+    est = torch.empty(n, n_out, n_in, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(123)
+    for i in range(n):
+        w.grad = None
+        randomized_linear(x, w, None, proj_dim=k, sketch=sketch, generator=gen).backward(g)
+        est[i] = w.grad
+    per_sample = ((est - exact) ** 2).sum((1, 2)).mean()  # tr(Cov) of one estimate
+    for m in (n // 16, n):
+        err = ((est[:m].mean(0) - exact) ** 2).sum()
+        assert err < 2.0 * per_sample / m, (m, err.item(), (per_sample / m).item())
+    # And a mis-scaled estimator would fail the same test: 5% off is far outside the noise at N = 3000.
+    assert ((1.05 * est.mean(0) - exact) ** 2).sum() > 2.0 * per_sample / n
+
+
+@pytest.mark.parametrize("sketch", ALL_SKETCHES)
+def test_saved_bytes_are_the_sketch(sketch):
+    lin, _ = pair(1024, 64, proj_dim_ratio=0.2, sketch=sketch)
+    x = torch.randn(4096, 1024, requires_grad=True)
+    k = math.ceil(0.2 * 4096)
+    with SavedTensorMeter(lin) as meter:
+        lin(x)
+    extra = 8 * k if sketch == "rownorm" else 0  # k int32 row indices and k fp32 weights
+    assert meter.nbytes == k * 1024 * 4 + extra
+    if sketch == "count":  # the default: at most 0.2 x the input's bytes plus a few KiB (k = ceil(0.2 B))
+        assert meter.nbytes <= 0.2 * x.numel() * 4 + 4 * 1024
+
+
+def test_half_precision_saves_half_precision_sketch():
+    lin, _ = pair(64, 8, torch.bfloat16, proj_dim=5)
+    x = torch.randn(40, 64, dtype=torch.bfloat16, requires_grad=True)
+    with SavedTensorMeter(lin) as meter:
+        lin(x).sum().backward()
+    assert meter.nbytes == 5 * 64 * 2 and lin.weight.grad.dtype == torch.bfloat16
+
+
+def test_large_k_keeps_the_input_and_is_exact():
+    lin, ref = pair(16, 4, torch.float64, proj_dim=100)
+    x = torch.randn(30, 16, dtype=torch.float64)
+    with SavedTensorMeter(lin) as meter:
+        y = lin(x)
+    assert meter.nbytes == x.numel() * 8
+    y.sum().backward()
+    ref(x).sum().backward()
+    torch.testing.assert_close(lin.weight.grad, ref.weight.grad)
+    lin2, _ = pair(16, 4, torch.float64, proj_dim_ratio=1.0)
+    lin2(x).sum().backward()
+    torch.testing.assert_close(lin2.weight.grad, ref.weight.grad)
+
+
+def test_frozen_weight_saves_nothing():
+    lin, _ = pair(16, 4, proj_dim_ratio=0.5)
+    lin.weight.requires_grad_(False)
+    x = torch.randn(30, 16, requires_grad=True)
+    with SavedTensorMeter(lin) as meter:
+        lin(x).sum().backward()
+    assert meter.nbytes == 0 and x.grad is not None
+
+
+def test_fresh_sketch_every_step_reproducible_by_seed():
+    lin, _ = pair(16, 4, proj_dim_ratio=0.25)
+    x = torch.randn(64, 16)
+
+    def grad():
+        lin.weight.grad = None
+        lin(x).sum().backward()
+        return lin.weight.grad.clone()
+
+    torch.manual_seed(5)
+    first, second = grad(), grad()
+    assert not torch.equal(first, second)  # consecutive steps: different sketches
+    torch.manual_seed(5)
+    assert torch.equal(grad(), first)  # torch.manual_seed reproduces them
+    gen_lin, _ = pair(16, 4, proj_dim_ratio=0.25, generator=torch.Generator().manual_seed(9))
+    gen_lin(x).sum().backward()
+    a = gen_lin.weight.grad.clone()
+    gen_lin.generator.manual_seed(9)
+    gen_lin.weight.grad = None
+    gen_lin(x).sum().backward()
+    assert torch.equal(a, gen_lin.weight.grad)
+
+
+def test_ranks_mix_into_the_seed(monkeypatch):
+    torch.manual_seed(0)
+    plain = draw_seed()
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    seeds = []
+    for rank in range(3):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda rank=rank: rank)
+        torch.manual_seed(0)
+        seeds.append(draw_seed())
+    assert seeds[0] == plain and len(set(seeds)) == 3 and all(0 <= s < 2**62 for s in seeds)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize("sketch", ["count", "rownorm"])
+def test_activation_checkpointing_recomputes_the_same_sketch(use_reentrant, sketch):
+    torch.manual_seed(0)
+    block = nn.Sequential(RandomizedLinear(16, 32, proj_dim_ratio=0.3, sketch=sketch), fewbit_dist.GELU(),
+                          RandomizedLinear(32, 8, proj_dim_ratio=0.3, sketch=sketch), nn.Dropout(0.1))
+    x = torch.randn(4, 20, 16, requires_grad=True)
+
+    def grads(ckpt):
+        block.zero_grad()
+        x.grad = None
+        torch.manual_seed(11)
+        y = checkpoint(block, x, use_reentrant=use_reentrant) if ckpt else block(x)
+        y.pow(2).sum().backward()
+        return [p.grad.clone() for p in block.parameters()] + [x.grad.clone()]
+
+    plain = grads(False)
+    for a, b in zip(plain, grads(True)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_bf16_on_cpu():
+    lin, ref = pair(32, 16, proj_dim_ratio=0.5)
+    x = torch.randn(50, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+        y_ref = ref(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    y.float().sum().backward()
+    assert lin.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+def test_state_dict_is_nn_linears_both_ways():
+    lin, ref = pair(8, 3, proj_dim=2)
+    assert list(lin.state_dict()) == list(ref.state_dict()) == ["weight", "bias"]
+    other = RandomizedLinear(8, 3, proj_dim=2)
+    other.load_state_dict(ref.state_dict(), strict=True)
+    ref.load_state_dict(lin.state_dict(), strict=True)
+    assert "proj_dim=2, sketch='count'" in repr(other)
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    ({}, ValueError, "exactly one of proj_dim_ratio"),
+    ({"proj_dim_ratio": 0.2, "proj_dim": 4}, ValueError, "exactly one of proj_dim_ratio"),
+    ({"proj_dim_ratio": 0.0}, ValueError, r"proj_dim_ratio must be in \(0, 1\]"),
+    ({"proj_dim_ratio": 1.5}, ValueError, r"proj_dim_ratio must be in \(0, 1\]"),
+    ({"proj_dim_ratio": float("nan")}, ValueError, r"proj_dim_ratio must be in \(0, 1\]"),
+    ({"proj_dim": 0}, ValueError, "proj_dim must be a positive int"),
+    ({"proj_dim": 2.5}, ValueError, "proj_dim must be a positive int"),
+    ({"proj_dim_ratio": 0.2, "proj_dim_min": 8, "proj_dim_max": 4}, ValueError, r"proj_dim_min \(8\) must be <="),
+    ({"proj_dim_ratio": 0.2, "sketch": "dct"}, ValueError, "sketch must be one of count, gaussian, rademacher, rownorm"),
+    ({"proj_dim_ratio": 0.2, "generator": 3}, TypeError, "generator must be a torch.Generator"),
+])
+def test_bad_arguments(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        RandomizedLinear(4, 4, **kwargs)
+
+
+def test_projection_dim_clamps():
+    lin = RandomizedLinear(4, 4, proj_dim_ratio=0.1, proj_dim_min=16, proj_dim_max=100)
+    assert lin.projection_dim(50) == 16 and lin.projection_dim(500) == 50 and lin.projection_dim(5000) == 100
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_convert_hugging_face_with_classifier_kept_exact():
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.RobertaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64)
+    model = transformers.RobertaForSequenceClassification(cfg).eval()
+    ref = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    convert(model, proj_dim_ratio=0.2, exclude=["classifier"])
+    counts = conversion_report(model).counts()
+    assert counts == {"GELUActivation": 2, "Linear": 12}  # q, k, v, o, up, down per layer
+    assert all(type(m) is nn.Linear for m in model.classifier.modules() if isinstance(m, nn.Linear))
+    assert list(model.state_dict()) == keys
+    ids = torch.randint(0, 96, (2, 9))
+    assert torch.equal(model(ids).logits, ref(ids).logits)
+    model.train()
+    model(ids).logits.sum().backward()
+    fresh = transformers.RobertaForSequenceClassification(cfg)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_convert_keeps_tied_weights():
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, intermediate_size=64, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg)
+    convert(model, proj_dim=8, activation_bits=None)
+    assert isinstance(model.lm_head, RandomizedLinear)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert conversion_report(model).counts() == {"Linear": 8}
