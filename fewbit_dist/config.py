@@ -8,6 +8,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Union
 
+from .functional.sketch import DEFAULT_SKETCH, sketch_for
+from .nn.linear import check_projection_args
+
 __all__ = ["FewBitConfig", "ConfigLike"]
 
 
@@ -50,7 +53,7 @@ class FewBitConfig:
     proj_dim: Union[int, None] = None
     proj_dim_min: Union[int, None] = None
     proj_dim_max: Union[int, None] = None
-    sketch: str = "count"
+    sketch: str = DEFAULT_SKETCH
 
     def __post_init__(self):
         bits = self.activation_bits
@@ -63,9 +66,6 @@ class FewBitConfig:
         object.__setattr__(self, "exclude", _patterns(self.exclude, "exclude"))
         if not isinstance(self.convert_transformers, bool):
             raise TypeError(f"convert_transformers must be a bool, got {self.convert_transformers!r}")
-        from .functional.sketch import sketch_for
-        from .nn.linear import check_projection_args
-
         if self.randomized_linear:
             check_projection_args(self.proj_dim_ratio, self.proj_dim, self.proj_dim_min, self.proj_dim_max)
         elif self.proj_dim_min is not None or self.proj_dim_max is not None:

@@ -38,10 +38,23 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
     ("include", 3, TypeError, "include must be a glob pattern"),
     ("exclude", [""], TypeError, "exclude must be a glob pattern"),
     ("convert_transformers", "yes", TypeError, "convert_transformers must be a bool"),
+    ("proj_dim_ratio", 0.0, ValueError, r"proj_dim_ratio must be in \(0, 1\]"),
+    ("proj_dim_ratio", 2, ValueError, r"proj_dim_ratio must be in \(0, 1\]"),
+    ("proj_dim", -3, ValueError, "proj_dim must be a positive int"),
+    ("proj_dim_min", 4, ValueError, "proj_dim_min/proj_dim_max need proj_dim_ratio or proj_dim"),
+    ("sketch", "dct", ValueError, "sketch must be one of"),
 ])
 def test_bad_values(field, value, exc, msg):
     with pytest.raises(exc, match=msg):
         FewBitConfig(**{field: value})
+
+
+def test_both_projection_sizes_is_an_error():
+    with pytest.raises(ValueError, match="exactly one of proj_dim_ratio"):
+        FewBitConfig(proj_dim_ratio=0.2, proj_dim=16)
+    cfg = FewBitConfig(proj_dim_ratio=0.2, proj_dim_min=8, sketch="rownorm")
+    assert cfg.randomized_linear and cfg.linear_kwargs()["sketch"] == "rownorm"
+    assert not FewBitConfig().randomized_linear
 
 
 def test_bad_sources():

@@ -47,6 +47,16 @@ def test_exact_parts_are_exact(sketch, shape, dtype):
     assert torch.isfinite(lin.weight.grad).all()
 
 
+def test_rownorm_samples_uniformly_from_a_zero_input():
+    lin, _ = pair(8, 3, proj_dim=4)
+    x = torch.zeros(10, 8, requires_grad=True)
+    lin(x).sum().backward()
+    assert torch.equal(lin.weight.grad, torch.zeros(3, 8))
+    rownorm = SKETCHES["rownorm"]
+    x_s, extra = rownorm.compress(torch.zeros(10, 8), 4, seed=1)
+    assert extra[1].item() == -1 and torch.equal(rownorm.weights(x_s, 10, extra), torch.full((4,), 2.5))
+
+
 @pytest.mark.parametrize("sketch", ALL_SKETCHES)
 def test_weight_gradient_is_unbiased(sketch):
     """Mean of N estimates -> exact at the 1/sqrt(N) rate: ||mean - exact||^2 ~ tr(Cov)/N, while any bias b
@@ -79,14 +89,14 @@ def test_saved_bytes_are_the_sketch(sketch):
     k = math.ceil(0.2 * 4096)
     with SavedTensorMeter(lin) as meter:
         lin(x)
-    extra = 8 * k if sketch == "rownorm" else 0  # k int32 row indices and k fp32 weights
+    extra = 4 * k + 4 if sketch == "rownorm" else 0  # k int32 row indices and one fp32 total
     assert meter.nbytes == k * 1024 * 4 + extra
-    if sketch == "count":  # the default: at most 0.2 x the input's bytes plus a few KiB (k = ceil(0.2 B))
-        assert meter.nbytes <= 0.2 * x.numel() * 4 + 4 * 1024
+    # The issue's bound: at most 0.2 x the input's bytes plus a few KiB (k = ceil(0.2 B) rows).
+    assert meter.nbytes <= 0.2 * x.numel() * 4 + 8 * 1024
 
 
 def test_half_precision_saves_half_precision_sketch():
-    lin, _ = pair(64, 8, torch.bfloat16, proj_dim=5)
+    lin, _ = pair(64, 8, torch.bfloat16, proj_dim=5, sketch="count")
     x = torch.randn(40, 64, dtype=torch.bfloat16, requires_grad=True)
     with SavedTensorMeter(lin) as meter:
         lin(x).sum().backward()
@@ -189,7 +199,7 @@ def test_state_dict_is_nn_linears_both_ways():
     other = RandomizedLinear(8, 3, proj_dim=2)
     other.load_state_dict(ref.state_dict(), strict=True)
     ref.load_state_dict(lin.state_dict(), strict=True)
-    assert "proj_dim=2, sketch='count'" in repr(other)
+    assert "proj_dim=2, sketch='rownorm'" in repr(other)
 
 
 @pytest.mark.parametrize("kwargs,exc,msg", [

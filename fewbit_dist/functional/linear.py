@@ -93,8 +93,7 @@ class _RandomizedLinearFn(torch.autograd.Function):
                 grad_w = g2.t() @ rest[0]
             else:
                 x_s, extra = rest[0], tuple(rest[1:]) or None
-                g_s = ctx.sketch.compress_like(g2, ctx.k, ctx.seed, extra)
-                grad_w = g_s.t() @ x_s
+                grad_w = ctx.sketch.weighted_product(g2, x_s, extra, ctx.k, ctx.seed)
         return grad_x, grad_w, grad_b, None, None, None
 
 
