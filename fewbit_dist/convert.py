@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .config import ConfigLike, FewBitConfig
+from .integrations.sharding import check_not_sharded
 from .integrations.transformers import transformers_activation_spec
 from .nn.activations import PIECEWISE_MODULES, SMOOTH_MODULES, FewBitActivation, FewBitModule
 from .nn.linear import RandomizedLinear
@@ -92,6 +93,7 @@ def convert(model: nn.Module, config: ConfigLike = None, **overrides) -> nn.Modu
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     cfg = FewBitConfig.load(config, **overrides)
+    check_not_sharded(model)
     _check_patterns(model, cfg)
     report = ConversionReport(cfg)
 

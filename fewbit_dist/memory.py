@@ -59,15 +59,23 @@ class SavedTensorMeter:
         for item in _flatten(exclude):
             if isinstance(item, nn.Module):
                 for p in item.parameters():
-                    self._exclude_keys.add(_storage_key(p))
+                    self._exclude(p)
             elif isinstance(item, torch.Tensor):
-                self._exclude_keys.add(_storage_key(item))
+                self._exclude(item)
             else:
                 raise TypeError(f"exclude takes modules and tensors, got {type(item).__name__}")
         self._seen: dict = {}
         self.records: list[SavedRecord] = []
         self.saved_count = 0
         self._hooks = None
+
+    def _exclude(self, t: torch.Tensor) -> None:
+        if hasattr(t, "to_local"):  # a sharded DTensor (FSDP2): its local shard holds the storage
+            t = t.to_local()
+        try:
+            self._exclude_keys.add(_storage_key(t))
+        except RuntimeError:  # a storage already freed or resized away (sharded, offloaded): nothing to count
+            pass
 
     @property
     def nbytes(self) -> int:
