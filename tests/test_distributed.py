@@ -30,14 +30,14 @@ def env():
 
 
 def run(cmd, timeout=300):
+    cmd = [str(c) for c in cmd]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
-    assert out.returncode == 0, f"{' '.join(map(str, cmd))}\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
+    assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
     return out
 
 
 def torchrun(*args, nproc=2):
-    return run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), TRAIN,
-                "--no-progress", *map(str, args)])
+    return run([BIN / "torchrun", "--standalone", "--nproc_per_node", nproc, TRAIN, "--no-progress", *args])
 
 
 def metrics(path):
