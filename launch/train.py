@@ -377,6 +377,9 @@ if __name__ == "__main__":
     # Everything is written and closed; leave without the interpreter's teardown. With FSDP2 over gloo on
     # CPU about one run in ten otherwise aborted after finishing ("terminate called without an active
     # exception": a C++ worker thread still joinable while the process tears down).
+    mpi = sys.modules.get("mpi4py.MPI")  # under mpirun: finalize MPI ourselves (os._exit skips atexit)
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -75,6 +75,16 @@ def test_training_runs_and_loss_falls(strategy, checkpointing, tmp_path):
         assert saved[0] == saved[1]
 
 
+@pytest.mark.parametrize("strategy,checkpointing", [("zero3", "deepspeed"), ("zero2", "reentrant")])
+def test_reentrant_checkpointing_under_deepspeed(strategy, checkpointing, tmp_path):
+    """DeepSpeed's own activation checkpointing (and torch's reentrant one) with randomized layers."""
+    out = tmp_path / "m.json"
+    torchrun("--fewbit-config", TINY, *STRATEGIES[strategy], "--checkpointing", checkpointing,
+             "--max-steps", 20, "--metrics-out", out)
+    m = metrics(out)
+    assert m["checkpointing"] == checkpointing and falls(m["losses"]), m["losses"]
+
+
 @pytest.fixture(scope="module")
 def deterministic(tmp_path_factory):
     """Few-bit activations only, no dropout, SGD: a run that two strategies must reproduce exactly."""
