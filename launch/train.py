@@ -59,13 +59,18 @@ CHECKPOINTING = ("none",) + ckpt.METHODS
 
 # ------------------------------------------------------------------------------------------ config
 
-def load_run_config(path) -> dict:
+def read_json(path, option: str):
+    """The JSON object in `path`, or a clear exit naming the command-line option it came from."""
     try:
-        raw = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise SystemExit(f"--fewbit-config: no such file: {path}") from None
+        raise SystemExit(f"{option}: no such file: {path}") from None
     except json.JSONDecodeError as exc:
-        raise SystemExit(f"--fewbit-config {path}: not valid JSON: {exc}") from None
+        raise SystemExit(f"{option} {path}: not valid JSON: {exc}") from None
+
+
+def load_run_config(path) -> dict:
+    raw = read_json(path, "--fewbit-config")
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise SystemExit(f"{path}: unknown section(s) {unknown}; valid sections: {', '.join(SECTIONS)}")
@@ -89,12 +94,7 @@ def load_run_config(path) -> dict:
 
 
 def load_ds_config(path, micro_batch: int, world_size: int) -> dict:
-    try:
-        ds = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise SystemExit(f"--deepspeed_config: no such file: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"--deepspeed_config {path}: not valid JSON: {exc}") from None
+    ds = read_json(path, "--deepspeed_config")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise SystemExit(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
