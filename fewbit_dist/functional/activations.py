@@ -9,8 +9,8 @@ input to integer codes, and the derivative level of each code. One autograd func
               returned in grad_y's dtype.
 
 Smooth functions use the L2-optimal table of `fewbit_dist.quant.table` (code = number of borders <= x,
-compared in fp32, or fp64 for fp64 input; NaN gets code 0). Piecewise-linear ones need 1 bit and are exact: their code is
-the same comparison torch's backward makes (NaN included), their levels the two slopes.
+compared in fp32, or fp64 for fp64 input; NaN gets code 0). Piecewise-linear ones need 1 bit and are exact:
+their code is the same comparison torch's backward makes (NaN included), their levels the two slopes.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..quant.packing import CHUNK, pack_codes, packed_nbytes, unpack_codes
+from ..quant.packing import CHUNK, check_bits, pack_codes, packed_nbytes, unpack_codes
 from ..quant.tables import Table, canonical_params, function_for, table
 
 __all__ = [
@@ -135,13 +135,6 @@ def apply_activation(x: torch.Tensor, spec: ActivationSpec, inplace: bool = Fals
 
 # ------------------------------------------------------------------------------------ spec builders
 
-def _check_bits(bits, name):
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise TypeError(f"{name}: bits must be an int in 1..8, got {type(bits).__name__}")
-    if not 1 <= bits <= 8:
-        raise ValueError(f"{name}: bits must be in 1..8, got {bits}")
-
-
 def _bucketizer(tab: Table) -> Callable[[torch.Tensor], torch.Tensor]:
     """code(x) = number of borders <= x, compared in opmath (fp32, or fp64 for fp64 input)."""
     cache: dict = {}
@@ -174,7 +167,7 @@ _spec_cache: dict = {}
 
 def smooth_spec(name: str, bits: int = DEFAULT_BITS, **params) -> ActivationSpec:
     """Spec of a built-in smooth activation (cached: one per name, parameters and bits)."""
-    _check_bits(bits, name)
+    check_bits(bits, f"{name}: bits")
     key = (name, canonical_params(name, params), bits)
     spec = _spec_cache.get(key)
     if spec is None:
@@ -187,7 +180,7 @@ def custom_spec(name: str, forward: Callable[[torch.Tensor], torch.Tensor], bits
                 derivative_of: Callable | None = None, **table_kwargs) -> ActivationSpec:
     """Spec of any elementwise function: `forward` runs as is; the table approximates its derivative
     (or that of `derivative_of`, when the forward cannot be differentiated in float64)."""
-    _check_bits(bits, name)
+    check_bits(bits, f"{name}: bits")
     return _spec_from_table(name, forward, table(derivative_of or forward, bits, **table_kwargs))
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..functional import activations as FA
 from ..functional.activations import DEFAULT_BITS, ActivationSpec, apply_activation
+from ..quant.packing import check_bits
 
 __all__ = [
     "FewBitModule", "FewBitActivation",
@@ -42,7 +43,7 @@ class _Smooth(FewBitModule):
     _params: tuple[str, ...] = ()
 
     def _init_bits(self, bits):
-        FA._check_bits(bits, type(self).__name__)
+        check_bits(bits, f"{type(self).__name__}: bits")
         self.bits = bits
         self.spec()  # validate the parameters now rather than at the first forward
 
@@ -257,7 +258,7 @@ class FewBitActivation(FewBitModule, nn.Module):
         super().__init__()
         if not callable(source):
             raise TypeError(f"source must be callable, got {type(source).__name__}")
-        FA._check_bits(bits, "FewBitActivation")
+        check_bits(bits, "FewBitActivation: bits")
         if spec is not None and spec.bits != bits:
             raise ValueError(f"spec has {spec.bits} bits but bits={bits}")
         self.bits = bits

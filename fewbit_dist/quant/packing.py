@@ -17,22 +17,23 @@ from typing import Optional
 
 import torch
 
-__all__ = ["packed_nbytes", "pack_codes", "unpack_codes", "CHUNK"]
+__all__ = ["packed_nbytes", "pack_codes", "unpack_codes", "check_bits", "CHUNK"]
 
 CHUNK = 1 << 20  # elements per step; a multiple of 8, so every chunk starts on a byte boundary
 
 
-def _check_bits(bits: int) -> int:
+def check_bits(bits, label: str = "bits") -> int:
+    """The one check of a bit-width everywhere in the package: an int in 1..8 (`label` names it)."""
     if isinstance(bits, bool) or not isinstance(bits, int):
-        raise TypeError(f"bits must be an int in 1..8, got {type(bits).__name__}")
+        raise TypeError(f"{label} must be an int in 1..8, got {type(bits).__name__}")
     if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be in 1..8, got {bits}")
+        raise ValueError(f"{label} must be in 1..8, got {bits}")
     return bits
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
     """Bytes that `numel` codes of `bits` bits occupy when packed: ceil(numel * bits / 8)."""
-    _check_bits(bits)
+    check_bits(bits)
     if numel < 0:
         raise ValueError(f"numel must be >= 0, got {numel}")
     return (numel * bits + 7) // 8
@@ -53,7 +54,7 @@ def pack_codes(codes: torch.Tensor, bits: int, out: Optional[torch.Tensor] = Non
     modified. `out`, if given, is a contiguous uint8 tensor of exactly that many bytes to write into.
     Values outside [0, 2**bits) are a caller error and are not checked (the hot path).
     """
-    _check_bits(bits)
+    check_bits(bits)
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
         raise TypeError(f"codes must have an integer dtype, got {codes.dtype}")
     n = codes.numel()
@@ -87,7 +88,7 @@ def pack_codes(codes: torch.Tensor, bits: int, out: Optional[torch.Tensor] = Non
 
 def unpack_codes(packed: torch.Tensor, bits: int, numel: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """Inverse of `pack_codes`: the first `numel` codes as a flat tensor of `dtype` (an integer dtype)."""
-    _check_bits(bits)
+    check_bits(bits)
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed must be a uint8 tensor, got {packed.dtype}")
     need = packed_nbytes(numel, bits)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .dp import optimal_segmentation, refine_borders
+from .packing import check_bits
 
 __all__ = ["Table", "table", "SMOOTH_FUNCTIONS", "canonical_params", "function_for"]
 
@@ -257,10 +258,7 @@ def _builtin() -> dict[str, dict]:
 
 
 def _check_common(bits, weight, domain):
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise TypeError(f"bits must be an int in 1..8, got {type(bits).__name__}")
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be in 1..8, got {bits}")
+    check_bits(bits)
     if weight not in WEIGHTS:
         raise ValueError(f"weight must be one of {WEIGHTS}, got {weight!r}")
     try:
