@@ -1,12 +1,14 @@
 """Few-bit activations: exact forward, b-bit packed codes saved for backward.
 
-Every activation is described by an `ActivationSpec`: the exact torch forward, an `encode` that maps the
-input to integer codes, and the derivative level of each code. One autograd function serves them all:
+Every activation is described by an `ActivationSpec`: the exact torch forward, what defines the codes (a
+step table's borders, or an `encode` function for piecewise-linear ones), and the derivative level of each
+code. One autograd function serves them all:
 
-    forward:  y = f(x) (torch's own kernel, so values are identical to torch); codes = encode(x);
-              save pack_codes(codes, bits): ceil(n*bits/8) bytes, nothing else of size n.
-    backward: grad_x = levels[unpack(codes)] * grad_y, computed in fp32 for fp16/bf16 (fp64 for fp64) and
-              returned in grad_y's dtype.
+    forward:  y = f(x) (torch's own kernel, so values are identical to torch); save the codes packed at
+              `bits` per element (the fewbit::encode_pack op, native where built): ceil(n*bits/8) bytes,
+              nothing else of size n.
+    backward: grad_x = levels[code] * grad_y (the fewbit::unpack_scale op), computed in fp32 for fp16/bf16
+              (fp64 for fp64) and returned in grad_y's dtype.
 
 Smooth functions use the L2-optimal table of `fewbit_dist.quant.table` (code = number of borders <= x,
 compared in fp32, or fp64 for fp64 input; NaN gets code 0). Piecewise-linear ones need 1 bit and are exact:
@@ -22,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..quant.packing import CHUNK, check_bits, pack_codes, packed_nbytes, unpack_codes
+from .. import ops
+from ..quant.packing import CHUNK, check_bits, pack_codes, packed_nbytes
 from ..quant.tables import Table, canonical_params, function_for, table
 
 __all__ = [
@@ -46,24 +49,31 @@ class ActivationSpec:
     """What one few-bit activation computes and saves.
 
     forward: the exact elementwise function (a torch function, or the forward of the module it replaces).
-    encode:  input -> integer codes in [0, 2**bits).
+    encode:  input -> integer codes in [0, 2**bits), for codes that no table defines (piecewise functions).
     levels:  derivative value of each code (2**bits floats).
+    table:   for smooth functions, the step table whose borders define the codes.
     """
 
     name: str
     bits: int
     forward: Callable[[torch.Tensor], torch.Tensor]
-    encode: Callable[[torch.Tensor], torch.Tensor]
+    encode: Callable[[torch.Tensor], torch.Tensor] | None  # None when `table` defines the codes
     levels: tuple[float, ...]
     table: Table | None = None
-    _cache: dict = field(default_factory=dict, repr=False)  # (device, dtype) -> levels tensor
+    _cache: dict = field(default_factory=dict, repr=False)  # (what, device, dtype) -> tensor
 
-    def levels_tensor(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = (device, dtype)
+    def _tensor(self, what: str, values, device, dtype) -> torch.Tensor:
+        key = (what, device, dtype)
         t = self._cache.get(key)
         if t is None:  # dict.setdefault is atomic, so concurrent first calls agree on one tensor
-            t = self._cache.setdefault(key, torch.tensor(self.levels, dtype=dtype, device=device))
+            t = self._cache.setdefault(key, torch.tensor(values, dtype=dtype, device=device))
         return t
+
+    def levels_tensor(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        return self._tensor("levels", self.levels, device, dtype)
+
+    def borders_tensor(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        return self._tensor("borders", self.table.borders, device, dtype)
 
 
 class _FewBitActivationFn(torch.autograd.Function):
@@ -86,11 +96,14 @@ class _FewBitActivationFn(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         (packed,) = ctx.saved_tensors
         spec: ActivationSpec = ctx.spec
-        return _unpack_and_scale(packed, spec, grad_out).view(ctx.shape), None, None
+        levels = spec.levels_tensor(grad_out.device, _opmath(grad_out.dtype))
+        return ops.unpack_scale(packed, levels, grad_out, spec.bits).view(ctx.shape), None, None
 
 
 def _encode_and_pack(x: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:
-    """Codes of x packed at spec.bits per element, a chunk at a time (temporaries stay O(CHUNK))."""
+    """Codes of x packed at spec.bits per element: the native op for tables, the reference otherwise."""
+    if spec.table is not None:
+        return ops.encode_pack(x, spec.borders_tensor(x.device, _opmath(x.dtype)), spec.bits)
     flat = x.reshape(-1)
     n, bits = flat.numel(), spec.bits
     packed = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8, device=x.device)
@@ -98,19 +111,6 @@ def _encode_and_pack(x: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:
         e = min(n, s + CHUNK)
         pack_codes(spec.encode(flat[s:e]), bits, out=packed[s * bits // 8: packed_nbytes(e, bits)])
     return packed
-
-
-def _unpack_and_scale(packed: torch.Tensor, spec: ActivationSpec, grad_out: torch.Tensor) -> torch.Tensor:
-    """levels[code] * grad_out in opmath, returned in grad_out's dtype, a chunk at a time."""
-    g = grad_out.reshape(-1)
-    n, bits = g.numel(), spec.bits
-    levels = spec.levels_tensor(grad_out.device, _opmath(grad_out.dtype))
-    grad_in = torch.empty(n, dtype=grad_out.dtype, device=grad_out.device)
-    for s in range(0, n, CHUNK):
-        e = min(n, s + CHUNK)
-        codes = unpack_codes(packed[s * bits // 8: packed_nbytes(e, bits)], bits, e - s, dtype=torch.int32)
-        grad_in[s:e] = levels.index_select(0, codes) * g[s:e].to(levels.dtype)
-    return grad_in
 
 
 def _check_input(x, name):
@@ -135,31 +135,8 @@ def apply_activation(x: torch.Tensor, spec: ActivationSpec, inplace: bool = Fals
 
 # ------------------------------------------------------------------------------------ spec builders
 
-def _bucketizer(tab: Table) -> Callable[[torch.Tensor], torch.Tensor]:
-    """code(x) = number of borders <= x, compared in opmath (fp32, or fp64 for fp64 input)."""
-    cache: dict = {}
-
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        dtype = _opmath(x.dtype)
-        key = (x.device, dtype)
-        borders = cache.get(key)
-        if borders is None:
-            borders = cache.setdefault(key, tab.borders_tensor(x.device, dtype))
-        xs = x.to(dtype)
-        if borders.numel() <= 15:  # up to 4 bits: a few comparisons beat a binary search
-            codes = (xs >= borders[0]).to(torch.uint8)
-            for i in range(1, borders.numel()):
-                codes += xs >= borders[i]
-            return codes
-        codes = torch.bucketize(xs.contiguous(), borders, right=True, out_int32=True)
-        return codes.masked_fill_(xs.isnan(), 0)  # NaN compares false with every border: code 0, as above
-
-    return encode
-
-
 def _spec_from_table(name: str, fwd: Callable, tab: Table) -> ActivationSpec:
-    return ActivationSpec(name=name, bits=tab.bits, forward=fwd, encode=_bucketizer(tab),
-                          levels=tab.levels, table=tab)
+    return ActivationSpec(name=name, bits=tab.bits, forward=fwd, encode=None, levels=tab.levels, table=tab)
 
 
 _spec_cache: dict = {}

@@ -1,0 +1,83 @@
+// fewbit core: header-only code shared by the CPU and CUDA kernels (host and device).
+//
+// The packed layout is the reference's (fewbit_dist/quant/packing.py): the codes form one little-endian
+// bit stream, element i at stream bits [i*b, (i+1)*b), least significant bit first; stream bit p is bit
+// p % 8 of byte p / 8. n codes take exactly ceil(n*b/8) bytes. Eight codes fill exactly b bytes, so groups
+// of eight are independent: each kernel thread packs or unpacks whole groups and no two write one byte.
+//
+// Offsets are 64-bit everywhere: a tensor of 2^31 elements at 8 bits is 2^34 bits.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FEWBIT_HD __host__ __device__ __forceinline__
+#else
+#define FEWBIT_HD inline
+#endif
+
+namespace fewbit {
+
+// Position of element i's first bit in the stream: byte index and bit shift within it.
+struct BitPos {
+  int64_t byte;
+  int32_t shift;
+};
+
+FEWBIT_HD BitPos bit_position(int64_t element, int32_t bits) {
+  const int64_t bit = element * static_cast<int64_t>(bits);
+  return BitPos{bit >> 3, static_cast<int32_t>(bit & 7)};
+}
+
+FEWBIT_HD int64_t packed_nbytes(int64_t numel, int32_t bits) {
+  return (numel * static_cast<int64_t>(bits) + 7) / 8;
+}
+
+// Code of one value: the number of borders <= x, for 2^bits - 1 sorted borders. A branch-free binary
+// search (bits steps); NaN compares false with every border and gets code 0, as in the reference.
+template <typename T>
+FEWBIT_HD uint32_t encode(T x, const T* borders, int32_t bits) {
+  uint32_t pos = 0;
+  for (int32_t s = 1 << (bits - 1); s > 0; s >>= 1) {
+    pos += (borders[pos + s - 1] <= x) ? static_cast<uint32_t>(s) : 0u;
+  }
+  return pos;
+}
+
+// Pack `count` (1..8) codes, the group starting at an element index that is a multiple of 8, into
+// ceil(count*bits/8) bytes at `out`.
+FEWBIT_HD void pack_group(const uint32_t* codes, int32_t count, int32_t bits, uint8_t* out) {
+  uint64_t word = 0;
+  for (int32_t j = 0; j < count; ++j) {
+    word |= static_cast<uint64_t>(codes[j]) << (j * bits);
+  }
+  const int32_t nbytes = (count * bits + 7) / 8;
+  for (int32_t k = 0; k < nbytes; ++k) {
+    out[k] = static_cast<uint8_t>((word >> (8 * k)) & 0xFFu);
+  }
+}
+
+// Read the code of any element straight from the stream (it may straddle two bytes).
+FEWBIT_HD uint32_t load_code(const uint8_t* packed, int64_t element, int32_t bits) {
+  const BitPos p = bit_position(element, bits);
+  uint32_t w = packed[p.byte];
+  if (p.shift + bits > 8) {
+    w |= static_cast<uint32_t>(packed[p.byte + 1]) << 8;
+  }
+  return (w >> p.shift) & ((1u << bits) - 1u);
+}
+
+// Unpack the group of `count` (1..8) codes that starts at element 8*g: read its bytes once.
+FEWBIT_HD void unpack_group(const uint8_t* group_bytes, int32_t count, int32_t bits, uint32_t* codes) {
+  const int32_t nbytes = (count * bits + 7) / 8;
+  uint64_t word = 0;
+  for (int32_t k = 0; k < nbytes; ++k) {
+    word |= static_cast<uint64_t>(group_bytes[k]) << (8 * k);
+  }
+  const uint64_t mask = (1ull << bits) - 1ull;
+  for (int32_t j = 0; j < count; ++j) {
+    codes[j] = static_cast<uint32_t>((word >> (j * bits)) & mask);
+  }
+}
+
+}  // namespace fewbit

@@ -1,0 +1,141 @@
+"""Native kernels: loading with a pure-PyTorch fallback, and the torch.library ops that dispatch to them.
+
+Policy (environment variable FEWBIT_NATIVE):
+- unset: use the native kernels if they load (a prebuilt module from `FEWBIT_BUILD_OPS=1 pip install .`,
+  else a JIT build through the DeepSpeed OpBuilder, cached by torch under TORCH_EXTENSIONS_DIR); if they
+  cannot be built, warn once and use the reference;
+- "0": always the reference;
+- "1": native or an error (a failed build raises).
+
+Ops (schemas in the `fewbit` namespace, with fake kernels so torch.compile and meta tensors work):
+- fewbit::encode_pack(Tensor x, Tensor borders, int bits) -> Tensor: the codes of x against the sorted
+  borders (in the compute dtype: fp64 for fp64 x, else fp32), packed at `bits` per element;
+- fewbit::unpack_scale(Tensor packed, Tensor levels, Tensor grad, int bits) -> Tensor: levels[code] * grad,
+  computed in the levels' dtype and returned in grad's.
+Both are bit-identical to the reference (tests/test_native.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import warnings
+
+import torch
+
+from ..quant.packing import CHUNK, check_bits, pack_codes, packed_nbytes, unpack_codes
+
+__all__ = ["native_available", "native_module", "encode_pack", "unpack_scale", "encode_with_borders",
+           "reference_encode_pack", "reference_unpack_scale", "native_state"]
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "module": None, "error": None, "source": None}
+
+
+def _mode() -> str:
+    mode = os.environ.get("FEWBIT_NATIVE", "").strip()
+    if mode not in ("", "0", "1"):
+        raise ValueError(f"FEWBIT_NATIVE must be unset, '0' or '1', got {mode!r}")
+    return mode
+
+
+def native_module(device_type: str = "cpu"):
+    """The loaded native module for `device_type`, or None (reference). Loads on first call."""
+    if device_type != "cpu" or _mode() == "0":
+        return None
+    with _lock:
+        if not _state["tried"]:
+            _state["tried"] = True
+            try:
+                try:
+                    _state["module"] = importlib.import_module("fewbit_dist._fewbit_cpu")
+                    _state["source"] = "prebuilt"
+                except ImportError:
+                    from .builder import jit_load_cpu
+
+                    _state["module"] = jit_load_cpu()
+                    _state["source"] = "jit"
+            except Exception as exc:  # a compiler or header problem: fall back, say so once
+                _state["error"] = f"{type(exc).__name__}: {exc}"
+                if _mode() == "1":
+                    raise RuntimeError(f"FEWBIT_NATIVE=1 but the native kernels failed to build: {exc}") from exc
+                warnings.warn(f"fewbit_dist: native kernels unavailable, using the pure-PyTorch reference "
+                              f"({_state['error'].splitlines()[0][:200]})", RuntimeWarning, stacklevel=3)
+        elif _state["module"] is None and _mode() == "1":
+            raise RuntimeError(f"FEWBIT_NATIVE=1 but the native kernels failed to build: {_state['error']}")
+        return _state["module"]
+
+
+def native_available(device_type: str = "cpu") -> bool:
+    return native_module(device_type) is not None
+
+
+def native_state() -> dict:
+    """What loading did: tried, source ('prebuilt' or 'jit'), error (for `python -m fewbit_dist.report`)."""
+    return {k: _state[k] for k in ("tried", "source", "error")} | {"loaded": _state["module"] is not None}
+
+
+# -------------------------------------------------------------------------------------- reference
+
+def encode_with_borders(x: torch.Tensor, borders: torch.Tensor) -> torch.Tensor:
+    """The number of `borders` <= x, compared in borders' dtype; NaN gets code 0."""
+    xs = x.to(borders.dtype)
+    if borders.numel() <= 15:  # up to 4 bits: a few comparisons beat a binary search
+        codes = (xs >= borders[0]).to(torch.uint8)
+        for i in range(1, borders.numel()):
+            codes += xs >= borders[i]
+        return codes
+    codes = torch.bucketize(xs.contiguous(), borders, right=True, out_int32=True)
+    return codes.masked_fill_(xs.isnan(), 0)
+
+
+def reference_encode_pack(x: torch.Tensor, borders: torch.Tensor, bits: int) -> torch.Tensor:
+    flat = x.reshape(-1)
+    n = flat.numel()
+    packed = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8, device=x.device)
+    for s in range(0, n, CHUNK):  # CHUNK is a multiple of 8: each chunk starts on a byte boundary
+        e = min(n, s + CHUNK)
+        pack_codes(encode_with_borders(flat[s:e], borders), bits, out=packed[s * bits // 8: packed_nbytes(e, bits)])
+    return packed
+
+
+def reference_unpack_scale(packed: torch.Tensor, levels: torch.Tensor, grad: torch.Tensor, bits: int) -> torch.Tensor:
+    g = grad.reshape(-1)
+    n = g.numel()
+    out = torch.empty(n, dtype=grad.dtype, device=grad.device)
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        codes = unpack_codes(packed[s * bits // 8: packed_nbytes(e, bits)], bits, e - s, dtype=torch.int32)
+        out[s:e] = levels.index_select(0, codes) * g[s:e].to(levels.dtype)
+    return out.view(grad.shape)
+
+
+# ------------------------------------------------------------------------------------ torch.library
+
+@torch.library.custom_op("fewbit::encode_pack", mutates_args=())
+def encode_pack(x: torch.Tensor, borders: torch.Tensor, bits: int) -> torch.Tensor:
+    check_bits(bits)
+    mod = native_module(x.device.type)
+    if mod is not None:
+        return mod.encode_pack(x, borders, bits)
+    return reference_encode_pack(x, borders, bits)
+
+
+@encode_pack.register_fake
+def _(x, borders, bits):
+    return x.new_empty(packed_nbytes(x.numel(), bits), dtype=torch.uint8)
+
+
+@torch.library.custom_op("fewbit::unpack_scale", mutates_args=())
+def unpack_scale(packed: torch.Tensor, levels: torch.Tensor, grad: torch.Tensor, bits: int) -> torch.Tensor:
+    check_bits(bits)
+    mod = native_module(grad.device.type)
+    if mod is not None:
+        return mod.unpack_scale(packed, levels, grad, bits).view(grad.shape)
+    return reference_unpack_scale(packed, levels, grad, bits)
+
+
+@unpack_scale.register_fake
+def _(packed, levels, grad, bits):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
