@@ -18,6 +18,61 @@ void check_bits(int64_t bits) {
   TORCH_CHECK(bits >= 1 && bits <= 8, "bits must be in 1..8, got ", bits);
 }
 
+// Whole groups of eight with a compile-time bit-width, so the loops unroll and vectorize: the codes of a
+// block of groups first (an element-wise loop per border for up to 4 bits), then their packing.
+constexpr int64_t kBlockGroups = 64;
+
+template <int BITS, typename T, typename Acc>
+void encode_pack_groups(const T* src, const Acc* borders, uint8_t* dst, int64_t g0, int64_t g1) {
+  uint8_t codes[kBlockGroups * 8];
+  for (int64_t b0 = g0; b0 < g1; b0 += kBlockGroups) {
+    const int64_t nblock = std::min<int64_t>(kBlockGroups, g1 - b0);
+    const T* x = src + b0 * 8;
+    const int64_t m = nblock * 8;
+    if constexpr (BITS <= 4) {
+      Acc v[kBlockGroups * 8];
+      for (int64_t e = 0; e < m; ++e) {
+        v[e] = static_cast<Acc>(x[e]);
+        codes[e] = 0;
+      }
+      for (int32_t i = 0; i < (1 << BITS) - 1; ++i) {
+        const Acc t = borders[i];
+        for (int64_t e = 0; e < m; ++e) {
+          codes[e] += (t <= v[e]) ? 1 : 0;  // NaN: false for every border, code 0
+        }
+      }
+    } else {
+      for (int64_t e = 0; e < m; ++e) {
+        codes[e] = static_cast<uint8_t>(fewbit::encode_fixed<BITS, Acc>(static_cast<Acc>(x[e]), borders));
+      }
+    }
+    for (int64_t g = 0; g < nblock; ++g) {
+      uint64_t word = 0;
+      for (int32_t j = 0; j < 8; ++j) {
+        word |= static_cast<uint64_t>(codes[g * 8 + j]) << (j * BITS);
+      }
+      uint8_t* out = dst + (b0 + g) * BITS;
+      for (int32_t k = 0; k < BITS; ++k) {
+        out[k] = static_cast<uint8_t>((word >> (8 * k)) & 0xFFu);
+      }
+    }
+  }
+}
+
+template <typename T, typename Acc>
+void encode_pack_full_groups(int64_t bits, const T* src, const Acc* borders, uint8_t* dst, int64_t g0, int64_t g1) {
+  switch (bits) {
+    case 1: return encode_pack_groups<1>(src, borders, dst, g0, g1);
+    case 2: return encode_pack_groups<2>(src, borders, dst, g0, g1);
+    case 3: return encode_pack_groups<3>(src, borders, dst, g0, g1);
+    case 4: return encode_pack_groups<4>(src, borders, dst, g0, g1);
+    case 5: return encode_pack_groups<5>(src, borders, dst, g0, g1);
+    case 6: return encode_pack_groups<6>(src, borders, dst, g0, g1);
+    case 7: return encode_pack_groups<7>(src, borders, dst, g0, g1);
+    default: return encode_pack_groups<8>(src, borders, dst, g0, g1);
+  }
+}
+
 torch::Tensor encode_pack(const torch::Tensor& input, const torch::Tensor& borders, int64_t bits) {
   check_bits(bits);
   TORCH_CHECK(input.device().is_cpu() && borders.device().is_cpu(), "fewbit_cpu: tensors must be on the CPU");
@@ -27,28 +82,60 @@ torch::Tensor encode_pack(const torch::Tensor& input, const torch::Tensor& borde
   const int64_t n = x.numel();
   auto out = torch::empty({fewbit::packed_nbytes(n, static_cast<int32_t>(bits))},
                           x.options().dtype(torch::kUInt8));
-  const int64_t groups = (n + 7) / 8;
+  const int64_t full = n / 8;
   uint8_t* dst = out.data_ptr<uint8_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fewbit_encode_pack", [&] {
     using acc_t = opmath_t<scalar_t>;
     TORCH_CHECK(borders.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
                 "borders must be in the compute dtype (float64 for float64 input, else float32)");
     const scalar_t* src = x.data_ptr<scalar_t>();
-    const acc_t* b = borders.data_ptr<acc_t>();
-    const int32_t nb = static_cast<int32_t>(bits);
-    at::parallel_for(0, groups, kGrain, [&](int64_t g0, int64_t g1) {
-      uint32_t codes[8];
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t first = g * 8;
-        const int32_t count = static_cast<int32_t>(std::min<int64_t>(8, n - first));
-        for (int32_t j = 0; j < count; ++j) {
-          codes[j] = fewbit::encode<acc_t>(static_cast<acc_t>(src[first + j]), b, nb);
-        }
-        fewbit::pack_group(codes, count, nb, dst + g * nb);
-      }
+    const auto bc = borders.contiguous();
+    const acc_t* b = bc.data_ptr<acc_t>();
+    at::parallel_for(0, full, kGrain, [&](int64_t g0, int64_t g1) {
+      encode_pack_full_groups<scalar_t, acc_t>(bits, src, b, dst, g0, g1);
     });
+    const int32_t rest = static_cast<int32_t>(n - full * 8);
+    if (rest) {  // the last, partial group
+      uint32_t codes[8];
+      for (int32_t j = 0; j < rest; ++j) {
+        codes[j] = fewbit::encode<acc_t>(static_cast<acc_t>(src[full * 8 + j]), b, static_cast<int32_t>(bits));
+      }
+      fewbit::pack_group(codes, rest, static_cast<int32_t>(bits), dst + full * bits);
+    }
   });
   return out;
+}
+
+template <int BITS, typename T, typename Acc>
+void unpack_scale_groups(const uint8_t* src, const Acc* levels, const T* grad, T* dst, int64_t g0, int64_t g1) {
+  constexpr uint64_t mask = (1ull << BITS) - 1ull;
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* in = src + g * BITS;
+    uint64_t word = 0;
+    for (int32_t k = 0; k < BITS; ++k) {
+      word |= static_cast<uint64_t>(in[k]) << (8 * k);
+    }
+    const T* gi = grad + g * 8;
+    T* out = dst + g * 8;
+    for (int32_t j = 0; j < 8; ++j) {
+      out[j] = static_cast<T>(levels[(word >> (j * BITS)) & mask] * static_cast<Acc>(gi[j]));
+    }
+  }
+}
+
+template <typename T, typename Acc>
+void unpack_scale_full_groups(int64_t bits, const uint8_t* src, const Acc* levels, const T* grad, T* dst, int64_t g0,
+                              int64_t g1) {
+  switch (bits) {
+    case 1: return unpack_scale_groups<1>(src, levels, grad, dst, g0, g1);
+    case 2: return unpack_scale_groups<2>(src, levels, grad, dst, g0, g1);
+    case 3: return unpack_scale_groups<3>(src, levels, grad, dst, g0, g1);
+    case 4: return unpack_scale_groups<4>(src, levels, grad, dst, g0, g1);
+    case 5: return unpack_scale_groups<5>(src, levels, grad, dst, g0, g1);
+    case 6: return unpack_scale_groups<6>(src, levels, grad, dst, g0, g1);
+    case 7: return unpack_scale_groups<7>(src, levels, grad, dst, g0, g1);
+    default: return unpack_scale_groups<8>(src, levels, grad, dst, g0, g1);
+  }
 }
 
 torch::Tensor unpack_scale(const torch::Tensor& packed, const torch::Tensor& levels, const torch::Tensor& grad,
@@ -61,27 +148,28 @@ torch::Tensor unpack_scale(const torch::Tensor& packed, const torch::Tensor& lev
   TORCH_CHECK(packed.numel() >= fewbit::packed_nbytes(n, static_cast<int32_t>(bits)),
               "packed is too short for ", n, " codes of ", bits, " bits");
   auto out = torch::empty_like(g);
-  const int64_t groups = (n + 7) / 8;
-  const uint8_t* src = packed.contiguous().data_ptr<uint8_t>();
+  const int64_t full = n / 8;
+  const auto pc = packed.contiguous();
+  const uint8_t* src = pc.data_ptr<uint8_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "fewbit_unpack_scale", [&] {
     using acc_t = opmath_t<scalar_t>;
     TORCH_CHECK(levels.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
                 "levels must be in the compute dtype (float64 for float64 gradients, else float32)");
     const scalar_t* gin = g.data_ptr<scalar_t>();
-    const acc_t* lv = levels.data_ptr<acc_t>();
+    const auto lc = levels.contiguous();
+    const acc_t* lv = lc.data_ptr<acc_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
-    const int32_t nb = static_cast<int32_t>(bits);
-    at::parallel_for(0, groups, kGrain, [&](int64_t g0, int64_t g1) {
-      uint32_t codes[8];
-      for (int64_t grp = g0; grp < g1; ++grp) {
-        const int64_t first = grp * 8;
-        const int32_t count = static_cast<int32_t>(std::min<int64_t>(8, n - first));
-        fewbit::unpack_group(src + grp * nb, count, nb, codes);
-        for (int32_t j = 0; j < count; ++j) {
-          dst[first + j] = static_cast<scalar_t>(lv[codes[j]] * static_cast<acc_t>(gin[first + j]));
-        }
-      }
+    at::parallel_for(0, full, kGrain, [&](int64_t g0, int64_t g1) {
+      unpack_scale_full_groups<scalar_t, acc_t>(bits, src, lv, gin, dst, g0, g1);
     });
+    const int32_t rest = static_cast<int32_t>(n - full * 8);
+    if (rest) {  // the last, partial group
+      uint32_t codes[8];
+      fewbit::unpack_group(src + full * bits, rest, static_cast<int32_t>(bits), codes);
+      for (int32_t j = 0; j < rest; ++j) {
+        dst[full * 8 + j] = static_cast<scalar_t>(lv[codes[j]] * static_cast<acc_t>(gin[full * 8 + j]));
+      }
+    }
   });
   return out;
 }

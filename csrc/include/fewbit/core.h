@@ -44,6 +44,22 @@ FEWBIT_HD uint32_t encode(T x, const T* borders, int32_t bits) {
   return pos;
 }
 
+// The same code for a compile-time bit-width: up to 4 bits (15 borders) a plain count of the borders
+// <= x, which has no dependent loads and vectorizes across elements; above, the binary search.
+template <int BITS, typename T>
+FEWBIT_HD uint32_t encode_fixed(T x, const T* borders) {
+  if constexpr (BITS <= 4) {
+    uint32_t count = 0;
+#pragma unroll
+    for (int32_t i = 0; i < (1 << BITS) - 1; ++i) {
+      count += (borders[i] <= x) ? 1u : 0u;
+    }
+    return count;
+  } else {
+    return encode<T>(x, borders, BITS);
+  }
+}
+
 // Pack `count` (1..8) codes, the group starting at an element index that is a multiple of 8, into
 // ceil(count*bits/8) bytes at `out`.
 FEWBIT_HD void pack_group(const uint32_t* codes, int32_t count, int32_t bits, uint8_t* out) {

@@ -1,0 +1,133 @@
+"""Native kernels against the reference (bit for bit), the indexing past 2^31 bits, the fallback policy,
+torch.library registration (opcheck) and torch.compile."""
+
+import math
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fewbit_dist
+from fewbit_dist.ops import native
+from fewbit_dist.quant import SMOOTH_FUNCTIONS, table
+
+from conftest import DTYPES, awkward_inputs
+
+mod = native.native_module("cpu")
+needs_native = pytest.mark.skipif(mod is None, reason=f"native kernels did not build: {native.native_state()}")
+
+
+def opmath(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@needs_native
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("name", sorted(SMOOTH_FUNCTIONS))
+def test_codes_and_gradients_bit_identical(name, bits):
+    tab = table(name, bits)
+    for dtype in DTYPES:
+        om = opmath(dtype)
+        borders, levels = torch.tensor(tab.borders, dtype=om), torch.tensor(tab.levels, dtype=om)
+        cases = awkward_inputs(dtype, seed=bits)
+        cases["nan"] = torch.tensor([float("nan"), 1.0, -float("inf"), float("inf")], dtype=dtype)
+        for case, x in cases.items():
+            packed = mod.encode_pack(x, borders, bits)
+            assert torch.equal(packed, native.reference_encode_pack(x, borders, bits)), (case, dtype)
+            assert packed.numel() == math.ceil(x.numel() * bits / 8)
+            g = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+            got = mod.unpack_scale(packed, levels, g, bits).view(x.shape)
+            assert torch.equal(got, native.reference_unpack_scale(packed, levels, g, bits)), (case, dtype)
+
+
+@needs_native
+def test_activations_match_with_and_without_native(monkeypatch):
+    """The whole few-bit GELU, native against FEWBIT_NATIVE=0 (reference), on 1,000,003 elements."""
+    x = torch.randn(1_000_003, dtype=torch.float32) * 3
+    results = []
+    for mode in ("", "0"):
+        monkeypatch.setenv("FEWBIT_NATIVE", mode)
+        xi = x.clone().requires_grad_(True)
+        fewbit_dist.GELU(bits=3)(xi).backward(torch.ones_like(x))
+        results.append(xi.grad)
+    assert torch.equal(*results)
+
+
+def test_bit_position_past_2_to_the_31_bits():
+    if mod is None:
+        pytest.skip("native kernels did not build")
+    for element, bits in [(2**31, 1), (2**31 + 5, 3), (3 * 2**30 + 7, 7), (2**40 + 3, 8), (2**33 + 1, 5)]:
+        byte, shift = mod.bit_position(element, bits)
+        assert byte == element * bits // 8 and shift == element * bits % 8
+
+
+def test_fallback_policy(monkeypatch):
+    def broken():
+        raise RuntimeError("no compiler here")
+
+    import fewbit_dist.ops.builder as builder
+
+    saved = dict(native._state)
+    monkeypatch.setattr(builder, "jit_load_cpu", broken)
+    monkeypatch.setitem(sys.modules, "fewbit_dist._fewbit_cpu", None)  # no prebuilt module either
+    try:
+        native._state.update(tried=False, module=None, error=None, source=None)
+        monkeypatch.setenv("FEWBIT_NATIVE", "")
+        with pytest.warns(RuntimeWarning, match="native kernels unavailable, using the pure-PyTorch reference"):
+            assert not native.native_available()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once, not again
+            assert not native.native_available()
+            x = torch.randn(100, requires_grad=True)
+            fewbit_dist.GELU()(x).sum().backward()  # training goes on, on the reference
+        native._state.update(tried=False, module=None, error=None, source=None)
+        monkeypatch.setenv("FEWBIT_NATIVE", "1")
+        with pytest.raises(RuntimeError, match="FEWBIT_NATIVE=1 but the native kernels failed to build"):
+            native.native_available()
+        monkeypatch.setenv("FEWBIT_NATIVE", "0")
+        assert not native.native_available()
+        monkeypatch.setenv("FEWBIT_NATIVE", "yes")
+        with pytest.raises(ValueError, match="FEWBIT_NATIVE must be unset, '0' or '1'"):
+            native.native_available()
+    finally:
+        native._state.clear()
+        native._state.update(saved)
+
+
+def test_native_available_after_first_use_in_a_fresh_process():
+    out = subprocess.run([sys.executable, "-c", "import fewbit_dist.ops as o; print(o.native_available())"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "True"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_opcheck(dtype):
+    tab = table("silu", 3)
+    om = opmath(dtype)
+    x = torch.randn(37, 5, dtype=dtype)
+    borders, levels = torch.tensor(tab.borders, dtype=om), torch.tensor(tab.levels, dtype=om)
+    torch.library.opcheck(torch.ops.fewbit.encode_pack.default, (x, borders, 3))
+    packed = torch.ops.fewbit.encode_pack(x, borders, 3)
+    torch.library.opcheck(torch.ops.fewbit.unpack_scale.default, (packed, levels, torch.randn_like(x), 3))
+
+
+def test_meta_tensors_estimate_the_saved_size():
+    x = torch.empty(1000, 3, device="meta")
+    packed = torch.ops.fewbit.encode_pack(x, torch.empty(7, device="meta"), 3)
+    assert packed.shape == (math.ceil(3000 * 3 / 8),) and packed.dtype == torch.uint8
+
+
+def test_torch_compile_of_a_small_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), fewbit_dist.GELU(bits=2), torch.nn.Linear(32, 4))
+    x = torch.randn(8, 16)
+    model(x).sum().backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
+    compiled(x).sum().backward()
+    for a, p in zip(eager, model.parameters()):
+        torch.testing.assert_close(p.grad, a)
