@@ -131,3 +131,16 @@ def test_torch_compile_of_a_small_model():
     compiled(x).sum().backward()
     for a, p in zip(eager, model.parameters()):
         torch.testing.assert_close(p.grad, a)
+
+
+def test_report_says_what_is_built_and_in_use(monkeypatch):
+    from fewbit_dist.report import report
+
+    text = report(build=True)
+    assert "torch .............." in text and "deepspeed .........." in text
+    assert ("built (" in text) == native.native_available()
+    monkeypatch.setenv("FEWBIT_NATIVE", "0")
+    assert "disabled by FEWBIT_NATIVE=0" in report(build=False)
+    out = subprocess.run([sys.executable, "-m", "fewbit_dist.report", "--no-build"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "native ops:" in out.stdout
