@@ -68,9 +68,21 @@ def report(build: bool = True) -> str:
         cpu = f"built ({state['source']}), compatible, in use"
     else:
         cpu = f"failed to build: the reference is in use ({(state['error'] or '').splitlines()[0][:160]})"
+    if not torch.cuda.is_available():
+        cuda = "no CUDA device: not loaded (CUDA tensors would JIT-build csrc/cuda at first use)"
+    elif build and mode != "0":
+        try:
+            native.native_module("cuda")
+        except Exception as exc:
+            lines.append(f"  (cuda load failed: {exc})")
+        cstate = native.native_state("cuda")
+        cuda = (f"built ({cstate['source']}), compatible, in use" if cstate["loaded"]
+                else f"failed to build: the reference is in use ({(cstate['error'] or '').splitlines()[0][:160]})")
+    else:
+        cuda = "not loaded"
     lines += ["native ops:",
               f"  cpu  fewbit::encode_pack, fewbit::unpack_scale ... {cpu}",
-              "  cuda ... not written yet: CUDA tensors use the pure-PyTorch reference"]
+              f"  cuda fewbit::encode_pack, fewbit::unpack_scale ... {cuda}"]
     return "\n".join(lines)
 
 

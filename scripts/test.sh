@@ -5,4 +5,9 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup.sh"
 cd "$root"
+# CI (CI=true) also compiles and links the CUDA kernels in an environment of their own (a 5+ GB CUDA build of
+# torch, so not by default on a developer's machine: FEWBIT_CHECK_CUDA=1 asks for it, 0 skips it).
+if [ "${FEWBIT_CHECK_CUDA:-${CI:+1}}" = "1" ]; then
+  bash "$root/scripts/check_cuda_build.sh"
+fi
 exec "${FEWBIT_VENV:-$root/.venv}/bin/python" -m pytest -m "slow or not slow" "$@"

@@ -6,15 +6,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["CSRC", "cpu_sources", "include_paths", "CPU_CXX_ARGS", "cpu_builder", "jit_load_cpu"]
+__all__ = ["CSRC", "cpu_sources", "cuda_sources", "include_paths", "CPU_CXX_ARGS", "cpu_builder", "cuda_builder",
+           "jit_load_cpu", "jit_load_cuda", "build_cuda_extension"]
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPU_CXX_ARGS = ["-O3", "-std=c++17", "-fopenmp"]
 CPU_NAME = "fewbit_dist_cpu_ops"  # unique: DeepSpeed caches loaded ops by NAME
+CUDA_NAME = "fewbit_dist_cuda_ops"
+DEFAULT_CUDA_ARCHS = "8.0;9.0"  # A100, H100/H200; override with TORCH_CUDA_ARCH_LIST
 
 
 def cpu_sources() -> list[str]:
     return [str(CSRC / "cpu" / "fewbit_cpu.cpp")]
+
+
+def cuda_sources() -> list[str]:
+    return [str(CSRC / "cuda" / "binding.cpp"), str(CSRC / "cuda" / "fewbit_cuda.cu")]
 
 
 def include_paths() -> list[str]:
@@ -63,3 +70,67 @@ def jit_load_cpu(verbose: bool = False):
         return load(name=CPU_NAME, sources=cpu_sources(), extra_include_paths=include_paths(),
                     extra_cflags=CPU_CXX_ARGS, extra_ldflags=["-fopenmp"], verbose=verbose)
     return builder.jit_load(verbose=verbose)
+
+
+def cuda_builder():
+    """A DeepSpeed CUDAOpBuilder for the CUDA kernels (the same header-only core as the CPU ones)."""
+    from deepspeed.ops.op_builder.builder import CUDAOpBuilder
+
+    class FewBitCUDABuilder(CUDAOpBuilder):
+        BUILD_VAR = "FEWBIT_BUILD_OPS"
+        NAME = CUDA_NAME
+
+        def __init__(self):
+            super().__init__(name=self.NAME)
+
+        def absolute_name(self):
+            return f"fewbit_dist.ops.{self.NAME}"
+
+        def sources(self):
+            return cuda_sources()
+
+        def include_paths(self):
+            return include_paths()
+
+        def nvcc_args(self):
+            # No --use_fast_math: it flushes denormals, and the kernels must give the reference's bytes.
+            return [a for a in super().nvcc_args() if a != "--use_fast_math"] + ["-lineinfo"]
+
+        def is_compatible(self, verbose=False):
+            return True
+
+    return FewBitCUDABuilder()
+
+
+def jit_load_cuda(verbose: bool = False):
+    import os
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    return cuda_builder().jit_load(verbose=verbose)
+
+
+def build_cuda_extension(build_dir, verbose: bool = False):
+    """Compile and link the CUDA extension ahead of time through the OpBuilder (works without a GPU, given
+    a CUDA build of torch and CUDA_HOME); returns the path of the built module."""
+    import os
+    from pathlib import Path as _Path
+
+    from setuptools import Distribution
+    from torch.utils.cpp_extension import BuildExtension
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    builder = cuda_builder()
+    ext = builder.builder()
+    if builder.build_for_cpu:
+        raise RuntimeError("the OpBuilder found no usable CUDA toolkit for this torch (a CUDA build of torch and "
+                           "CUDA_HOME are needed)")
+    build_dir = _Path(build_dir)
+    dist = Distribution({"name": "fewbit_dist_cuda_check", "ext_modules": [ext],
+                         "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}})
+    cmd = dist.get_command_obj("build_ext")
+    cmd.build_lib, cmd.build_temp, cmd.verbose = str(build_dir / "lib"), str(build_dir / "tmp"), verbose
+    dist.run_command("build_ext")
+    built = sorted((build_dir / "lib").rglob(f"{CUDA_NAME}*.so"))
+    if not built:
+        raise RuntimeError(f"no {CUDA_NAME} module was produced under {build_dir}")
+    return built[0]

@@ -1,9 +1,10 @@
 """Native kernels: loading with a pure-PyTorch fallback, and the torch.library ops that dispatch to them.
 
 Policy (environment variable FEWBIT_NATIVE):
-- unset: use the native kernels if they load (a prebuilt module from `FEWBIT_BUILD_OPS=1 pip install .`,
-  else a JIT build through the DeepSpeed OpBuilder, cached by torch under TORCH_EXTENSIONS_DIR); if they
-  cannot be built, warn once and use the reference;
+- unset: use the native kernels if they load (a prebuilt module, else a JIT build through the DeepSpeed
+  OpBuilder, cached by torch under TORCH_EXTENSIONS_DIR); if they cannot be built, warn once and use the
+  reference. CPU tensors use the CPU kernels, CUDA tensors the CUDA ones (csrc/cuda, built for
+  TORCH_CUDA_ARCH_LIST, default 8.0;9.0);
 - "0": always the reference;
 - "1": native or an error (a failed build raises).
 
@@ -30,7 +31,9 @@ __all__ = ["native_available", "native_module", "encode_pack", "unpack_scale", "
            "reference_encode_pack", "reference_unpack_scale", "native_state"]
 
 _lock = threading.Lock()
-_state: dict = {"tried": False, "module": None, "error": None, "source": None}
+_LOADERS = {"cpu": ("fewbit_dist._fewbit_cpu", "jit_load_cpu"), "cuda": ("fewbit_dist._fewbit_cuda", "jit_load_cuda")}
+_states: dict = {dev: {"tried": False, "module": None, "error": None, "source": None} for dev in _LOADERS}
+_state = _states["cpu"]  # the CPU state, kept under its old name for the tests and the report
 
 
 def _mode() -> str:
@@ -41,39 +44,44 @@ def _mode() -> str:
 
 
 def native_module(device_type: str = "cpu"):
-    """The loaded native module for `device_type`, or None (reference). Loads on first call."""
-    if device_type != "cpu" or _mode() == "0":
+    """The loaded native module for `device_type` ("cpu" or "cuda"), or None (reference). Loads on first call."""
+    if device_type not in _LOADERS or _mode() == "0":
         return None
+    state = _states[device_type]
     with _lock:
-        if not _state["tried"]:
-            _state["tried"] = True
+        if not state["tried"]:
+            state["tried"] = True
+            prebuilt, jit = _LOADERS[device_type]
             try:
                 try:
-                    _state["module"] = importlib.import_module("fewbit_dist._fewbit_cpu")
-                    _state["source"] = "prebuilt"
+                    state["module"] = importlib.import_module(prebuilt)
+                    state["source"] = "prebuilt"
                 except ImportError:
-                    from .builder import jit_load_cpu
+                    from . import builder
 
-                    _state["module"] = jit_load_cpu()
-                    _state["source"] = "jit"
+                    state["module"] = getattr(builder, jit)()
+                    state["source"] = "jit"
             except Exception as exc:  # a compiler or header problem: fall back, say so once
-                _state["error"] = f"{type(exc).__name__}: {exc}"
+                state["error"] = f"{type(exc).__name__}: {exc}"
                 if _mode() == "1":
-                    raise RuntimeError(f"FEWBIT_NATIVE=1 but the native kernels failed to build: {exc}") from exc
-                warnings.warn(f"fewbit_dist: native kernels unavailable, using the pure-PyTorch reference "
-                              f"({_state['error'].splitlines()[0][:200]})", RuntimeWarning, stacklevel=3)
-        elif _state["module"] is None and _mode() == "1":
-            raise RuntimeError(f"FEWBIT_NATIVE=1 but the native kernels failed to build: {_state['error']}")
-        return _state["module"]
+                    raise RuntimeError(f"FEWBIT_NATIVE=1 but the native {device_type} kernels failed to build: "
+                                       f"{exc}") from exc
+                warnings.warn(f"fewbit_dist: native {device_type} kernels unavailable, using the pure-PyTorch "
+                              f"reference ({state['error'].splitlines()[0][:200]})", RuntimeWarning, stacklevel=3)
+        elif state["module"] is None and _mode() == "1":
+            raise RuntimeError(f"FEWBIT_NATIVE=1 but the native {device_type} kernels failed to build: "
+                               f"{state['error']}")
+        return state["module"]
 
 
 def native_available(device_type: str = "cpu") -> bool:
     return native_module(device_type) is not None
 
 
-def native_state() -> dict:
+def native_state(device_type: str = "cpu") -> dict:
     """What loading did: tried, source ('prebuilt' or 'jit'), error (for `python -m fewbit_dist.report`)."""
-    return {k: _state[k] for k in ("tried", "source", "error")} | {"loaded": _state["module"] is not None}
+    state = _states[device_type]
+    return {k: state[k] for k in ("tried", "source", "error")} | {"loaded": state["module"] is not None}
 
 
 # -------------------------------------------------------------------------------------- reference

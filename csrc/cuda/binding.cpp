@@ -1,0 +1,12 @@
+// Python binding of the CUDA kernels (kept out of the .cu file: pybind11 is compiled by the host compiler).
+#include <torch/extension.h>
+
+torch::Tensor encode_pack_cuda(const torch::Tensor& input, const torch::Tensor& borders, int64_t bits);
+torch::Tensor unpack_scale_cuda(const torch::Tensor& packed, const torch::Tensor& levels, const torch::Tensor& grad,
+                                int64_t bits);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fewbit_dist CUDA kernels";
+  m.def("encode_pack", &encode_pack_cuda, "codes of input against borders, packed at bits per element");
+  m.def("unpack_scale", &unpack_scale_cuda, "levels[code] * grad, computed in the compute dtype");
+}

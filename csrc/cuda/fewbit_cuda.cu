@@ -1,0 +1,128 @@
+// CUDA kernels of the few-bit activations: the same arithmetic as the CPU kernels (fewbit/core.h).
+// One thread handles one group of eight elements (b packed bytes), so no two threads write one byte; the
+// borders sit in shared memory. Launched on the current stream under a device guard.
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/types.h>
+
+#include "fewbit/core.h"
+
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+using opmath_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+int64_t blocks_for(int64_t groups) {
+  const int64_t b = (groups + kThreads - 1) / kThreads;
+  return std::max<int64_t>(1, std::min<int64_t>(b, int64_t{1} << 20));
+}
+
+template <int BITS, typename T, typename Acc>
+__global__ void encode_pack_kernel(const T* __restrict__ x, const Acc* __restrict__ borders,
+                                   uint8_t* __restrict__ out, int64_t n) {
+  __shared__ Acc sb[(1 << BITS) - 1];
+  for (int i = threadIdx.x; i < (1 << BITS) - 1; i += blockDim.x) sb[i] = borders[i];
+  __syncthreads();
+  const int64_t groups = (n + 7) / 8;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t first = g * 8;
+    const int32_t count = static_cast<int32_t>(min(static_cast<int64_t>(8), n - first));
+    uint32_t codes[8];
+#pragma unroll
+    for (int32_t j = 0; j < 8; ++j) {
+      codes[j] = j < count ? fewbit::encode_fixed<BITS, Acc>(static_cast<Acc>(x[first + j]), sb) : 0u;
+    }
+    fewbit::pack_group(codes, count, BITS, out + g * BITS);
+  }
+}
+
+template <int BITS, typename T, typename Acc>
+__global__ void unpack_scale_kernel(const uint8_t* __restrict__ packed, const Acc* __restrict__ levels,
+                                    const T* __restrict__ grad, T* __restrict__ out, int64_t n) {
+  __shared__ Acc sl[1 << BITS];
+  for (int i = threadIdx.x; i < (1 << BITS); i += blockDim.x) sl[i] = levels[i];
+  __syncthreads();
+  const int64_t groups = (n + 7) / 8;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t first = g * 8;
+    const int32_t count = static_cast<int32_t>(min(static_cast<int64_t>(8), n - first));
+    uint32_t codes[8];
+    fewbit::unpack_group(packed + g * BITS, count, BITS, codes);
+    for (int32_t j = 0; j < count; ++j) {
+      out[first + j] = static_cast<T>(sl[codes[j]] * static_cast<Acc>(grad[first + j]));
+    }
+  }
+}
+
+template <typename F>
+void with_bits(int64_t bits, F&& f) {
+  switch (bits) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    default: TORCH_CHECK(false, "bits must be in 1..8, got ", bits);
+  }
+}
+
+}  // namespace
+
+torch::Tensor encode_pack_cuda(const torch::Tensor& input, const torch::Tensor& borders, int64_t bits) {
+  TORCH_CHECK(input.is_cuda() && borders.is_cuda(), "fewbit_cuda: tensors must be on a CUDA device");
+  TORCH_CHECK(borders.dim() == 1 && borders.numel() == (int64_t{1} << bits) - 1,
+              "borders must hold 2**bits - 1 values, got ", borders.numel());
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto x = input.contiguous();
+  const auto b = borders.contiguous();
+  const int64_t n = x.numel();
+  auto out = torch::empty({fewbit::packed_nbytes(n, static_cast<int32_t>(bits))}, x.options().dtype(torch::kUInt8));
+  if (n == 0) return out;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t groups = (n + 7) / 8;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fewbit_encode_pack_cuda", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    TORCH_CHECK(b.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "borders must be in the compute dtype");
+    with_bits(bits, [&](auto B) {
+      encode_pack_kernel<decltype(B)::value, scalar_t, acc_t><<<blocks_for(groups), kThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), b.data_ptr<acc_t>(), out.data_ptr<uint8_t>(), n);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+torch::Tensor unpack_scale_cuda(const torch::Tensor& packed, const torch::Tensor& levels, const torch::Tensor& grad,
+                                int64_t bits) {
+  TORCH_CHECK(packed.is_cuda() && levels.is_cuda() && grad.is_cuda(), "fewbit_cuda: tensors must be on a CUDA device");
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8, "packed must be uint8");
+  TORCH_CHECK(levels.dim() == 1 && levels.numel() == (int64_t{1} << bits), "levels must hold 2**bits values");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const auto g = grad.contiguous();
+  const auto p = packed.contiguous();
+  const auto l = levels.contiguous();
+  const int64_t n = g.numel();
+  TORCH_CHECK(p.numel() >= fewbit::packed_nbytes(n, static_cast<int32_t>(bits)), "packed is too short");
+  auto out = torch::empty_like(g);
+  if (n == 0) return out;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t groups = (n + 7) / 8;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "fewbit_unpack_scale_cuda", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    TORCH_CHECK(l.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "levels must be in the compute dtype");
+    with_bits(bits, [&](auto B) {
+      unpack_scale_kernel<decltype(B)::value, scalar_t, acc_t><<<blocks_for(groups), kThreads, 0, stream>>>(
+          p.data_ptr<uint8_t>(), l.data_ptr<acc_t>(), g.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
