@@ -1,14 +1,38 @@
 """fewbit_dist: few-bit activation derivatives and compressed saved tensors for distributed PyTorch training.
 
-Pure Python for now; the native kernels in csrc/ arrive as DeepSpeed op_builder extensions. DeepSpeed imports
-torch while it builds, so install the distributed extra with `pip install --no-build-isolation`.
+The native kernels in csrc/ are JIT-built at first use through DeepSpeed OpBuilders (fewbit_dist/ops). To
+build them at install time instead: `FEWBIT_BUILD_OPS=1 pip install --no-build-isolation .` (CPU kernels, plus
+the CUDA ones when torch is a CUDA build and nvcc is found). DeepSpeed imports torch while it builds, so
+install with `--no-build-isolation`.
 """
 
+import os
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
+
+
+def native_extensions():
+    """The prebuilt native modules fewbit_dist.ops loads before any JIT build (FEWBIT_BUILD_OPS=1)."""
+    if os.environ.get("FEWBIT_BUILD_OPS") != "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    include = [str(ROOT / "csrc" / "include")]
+    exts = [CppExtension("fewbit_dist._fewbit_cpu", ["csrc/cpu/fewbit_cpu.cpp"], include_dirs=include,
+                         extra_compile_args=["-O3", "-std=c++17", "-fopenmp"], extra_link_args=["-fopenmp"])]
+    if torch.version.cuda and CUDA_HOME:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        exts.append(CUDAExtension("fewbit_dist._fewbit_cuda", ["csrc/cuda/binding.cpp", "csrc/cuda/fewbit_cuda.cu"],
+                                  include_dirs=include, extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                                                                            "nvcc": ["-O3", "-std=c++17"]}))
+    return exts, {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = native_extensions()
 version = next(line.split('"')[1] for line in (ROOT / "fewbit_dist" / "__init__.py").read_text().splitlines()
                if line.startswith("__version__"))
 
@@ -22,6 +46,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fewbit_dist", "fewbit_dist.*"]),
     package_data={"fewbit_dist.quant": ["builtin_tables.json"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=["torch>=2.4", "numpy>=1.24"],
     extras_require={
         "hf": ["transformers>=4.40"],

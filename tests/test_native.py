@@ -144,3 +144,24 @@ def test_report_says_what_is_built_and_in_use(monkeypatch):
     out = subprocess.run([sys.executable, "-m", "fewbit_dist.report", "--no-build"], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and "native ops:" in out.stdout
+
+
+@pytest.mark.slow
+def test_prebuilt_at_install_is_preferred(tmp_path):
+    """FEWBIT_BUILD_OPS=1 pip install builds fewbit_dist._fewbit_cpu, which loading takes before any JIT."""
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, FEWBIT_BUILD_OPS="1")
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
+                          "--target", str(tmp_path / "site"), str(root)], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    check = subprocess.run([sys.executable, "-c", "import fewbit_dist.ops.native as n; n.native_module(); "
+                            "print(n.native_state()['source'], n.__file__)"], capture_output=True, text=True,
+                           env=env, cwd=tmp_path, timeout=300)
+    assert check.returncode == 0, check.stderr
+    source, path = check.stdout.split()
+    assert source == "prebuilt" and path.startswith(str(tmp_path))
