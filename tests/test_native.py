@@ -75,7 +75,7 @@ def test_fallback_policy(monkeypatch):
     try:
         native._state.update(tried=False, module=None, error=None, source=None)
         monkeypatch.setenv("FEWBIT_NATIVE", "")
-        with pytest.warns(RuntimeWarning, match="native kernels unavailable, using the pure-PyTorch reference"):
+        with pytest.warns(RuntimeWarning, match="native cpu kernels unavailable, using the pure-PyTorch reference"):
             assert not native.native_available()
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # warned once, not again
@@ -84,7 +84,7 @@ def test_fallback_policy(monkeypatch):
             fewbit_dist.GELU()(x).sum().backward()  # training goes on, on the reference
         native._state.update(tried=False, module=None, error=None, source=None)
         monkeypatch.setenv("FEWBIT_NATIVE", "1")
-        with pytest.raises(RuntimeError, match="FEWBIT_NATIVE=1 but the native kernels failed to build"):
+        with pytest.raises(RuntimeError, match="FEWBIT_NATIVE=1 but the native cpu kernels failed to build"):
             native.native_available()
         monkeypatch.setenv("FEWBIT_NATIVE", "0")
         assert not native.native_available()

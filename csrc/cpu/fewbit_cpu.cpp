@@ -59,20 +59,6 @@ void encode_pack_groups(const T* src, const Acc* borders, uint8_t* dst, int64_t 
   }
 }
 
-template <typename T, typename Acc>
-void encode_pack_full_groups(int64_t bits, const T* src, const Acc* borders, uint8_t* dst, int64_t g0, int64_t g1) {
-  switch (bits) {
-    case 1: return encode_pack_groups<1>(src, borders, dst, g0, g1);
-    case 2: return encode_pack_groups<2>(src, borders, dst, g0, g1);
-    case 3: return encode_pack_groups<3>(src, borders, dst, g0, g1);
-    case 4: return encode_pack_groups<4>(src, borders, dst, g0, g1);
-    case 5: return encode_pack_groups<5>(src, borders, dst, g0, g1);
-    case 6: return encode_pack_groups<6>(src, borders, dst, g0, g1);
-    case 7: return encode_pack_groups<7>(src, borders, dst, g0, g1);
-    default: return encode_pack_groups<8>(src, borders, dst, g0, g1);
-  }
-}
-
 torch::Tensor encode_pack(const torch::Tensor& input, const torch::Tensor& borders, int64_t bits) {
   check_bits(bits);
   TORCH_CHECK(input.device().is_cpu() && borders.device().is_cpu(), "fewbit_cpu: tensors must be on the CPU");
@@ -91,8 +77,10 @@ torch::Tensor encode_pack(const torch::Tensor& input, const torch::Tensor& borde
     const scalar_t* src = x.data_ptr<scalar_t>();
     const auto bc = borders.contiguous();
     const acc_t* b = bc.data_ptr<acc_t>();
-    at::parallel_for(0, full, kGrain, [&](int64_t g0, int64_t g1) {
-      encode_pack_full_groups<scalar_t, acc_t>(bits, src, b, dst, g0, g1);
+    fewbit::dispatch_bits(bits, [&](auto B) {
+      at::parallel_for(0, full, kGrain, [&](int64_t g0, int64_t g1) {
+        encode_pack_groups<decltype(B)::value>(src, b, dst, g0, g1);
+      });
     });
     const int32_t rest = static_cast<int32_t>(n - full * 8);
     if (rest) {  // the last, partial group
@@ -123,21 +111,6 @@ void unpack_scale_groups(const uint8_t* src, const Acc* levels, const T* grad, T
   }
 }
 
-template <typename T, typename Acc>
-void unpack_scale_full_groups(int64_t bits, const uint8_t* src, const Acc* levels, const T* grad, T* dst, int64_t g0,
-                              int64_t g1) {
-  switch (bits) {
-    case 1: return unpack_scale_groups<1>(src, levels, grad, dst, g0, g1);
-    case 2: return unpack_scale_groups<2>(src, levels, grad, dst, g0, g1);
-    case 3: return unpack_scale_groups<3>(src, levels, grad, dst, g0, g1);
-    case 4: return unpack_scale_groups<4>(src, levels, grad, dst, g0, g1);
-    case 5: return unpack_scale_groups<5>(src, levels, grad, dst, g0, g1);
-    case 6: return unpack_scale_groups<6>(src, levels, grad, dst, g0, g1);
-    case 7: return unpack_scale_groups<7>(src, levels, grad, dst, g0, g1);
-    default: return unpack_scale_groups<8>(src, levels, grad, dst, g0, g1);
-  }
-}
-
 torch::Tensor unpack_scale(const torch::Tensor& packed, const torch::Tensor& levels, const torch::Tensor& grad,
                            int64_t bits) {
   check_bits(bits);
@@ -159,8 +132,10 @@ torch::Tensor unpack_scale(const torch::Tensor& packed, const torch::Tensor& lev
     const auto lc = levels.contiguous();
     const acc_t* lv = lc.data_ptr<acc_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, full, kGrain, [&](int64_t g0, int64_t g1) {
-      unpack_scale_full_groups<scalar_t, acc_t>(bits, src, lv, gin, dst, g0, g1);
+    fewbit::dispatch_bits(bits, [&](auto B) {
+      at::parallel_for(0, full, kGrain, [&](int64_t g0, int64_t g1) {
+        unpack_scale_groups<decltype(B)::value>(src, lv, gin, dst, g0, g1);
+      });
     });
     const int32_t rest = static_cast<int32_t>(n - full * 8);
     if (rest) {  // the last, partial group

@@ -59,24 +59,10 @@ __global__ void unpack_scale_kernel(const uint8_t* __restrict__ packed, const Ac
   }
 }
 
-template <typename F>
-void with_bits(int64_t bits, F&& f) {
-  switch (bits) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    case 6: return f(std::integral_constant<int, 6>{});
-    case 7: return f(std::integral_constant<int, 7>{});
-    case 8: return f(std::integral_constant<int, 8>{});
-    default: TORCH_CHECK(false, "bits must be in 1..8, got ", bits);
-  }
-}
-
 }  // namespace
 
 torch::Tensor encode_pack_cuda(const torch::Tensor& input, const torch::Tensor& borders, int64_t bits) {
+  TORCH_CHECK(bits >= 1 && bits <= 8, "bits must be in 1..8, got ", bits);
   TORCH_CHECK(input.is_cuda() && borders.is_cuda(), "fewbit_cuda: tensors must be on a CUDA device");
   TORCH_CHECK(borders.dim() == 1 && borders.numel() == (int64_t{1} << bits) - 1,
               "borders must hold 2**bits - 1 values, got ", borders.numel());
@@ -91,7 +77,7 @@ torch::Tensor encode_pack_cuda(const torch::Tensor& input, const torch::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fewbit_encode_pack_cuda", [&] {
     using acc_t = opmath_t<scalar_t>;
     TORCH_CHECK(b.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "borders must be in the compute dtype");
-    with_bits(bits, [&](auto B) {
+    fewbit::dispatch_bits(bits, [&](auto B) {
       encode_pack_kernel<decltype(B)::value, scalar_t, acc_t><<<blocks_for(groups), kThreads, 0, stream>>>(
           x.data_ptr<scalar_t>(), b.data_ptr<acc_t>(), out.data_ptr<uint8_t>(), n);
     });
@@ -102,6 +88,7 @@ torch::Tensor encode_pack_cuda(const torch::Tensor& input, const torch::Tensor& 
 
 torch::Tensor unpack_scale_cuda(const torch::Tensor& packed, const torch::Tensor& levels, const torch::Tensor& grad,
                                 int64_t bits) {
+  TORCH_CHECK(bits >= 1 && bits <= 8, "bits must be in 1..8, got ", bits);
   TORCH_CHECK(packed.is_cuda() && levels.is_cuda() && grad.is_cuda(), "fewbit_cuda: tensors must be on a CUDA device");
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8, "packed must be uint8");
   TORCH_CHECK(levels.dim() == 1 && levels.numel() == (int64_t{1} << bits), "levels must hold 2**bits values");
@@ -118,7 +105,7 @@ torch::Tensor unpack_scale_cuda(const torch::Tensor& packed, const torch::Tensor
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "fewbit_unpack_scale_cuda", [&] {
     using acc_t = opmath_t<scalar_t>;
     TORCH_CHECK(l.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "levels must be in the compute dtype");
-    with_bits(bits, [&](auto B) {
+    fewbit::dispatch_bits(bits, [&](auto B) {
       unpack_scale_kernel<decltype(B)::value, scalar_t, acc_t><<<blocks_for(groups), kThreads, 0, stream>>>(
           p.data_ptr<uint8_t>(), l.data_ptr<acc_t>(), g.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n);
     });

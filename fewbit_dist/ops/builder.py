@@ -28,34 +28,40 @@ def include_paths() -> list[str]:
     return [str(CSRC / "include")]
 
 
+class _FewBitBuilder:
+    """What both builders share; mixed into DeepSpeed's OpBuilder / CUDAOpBuilder when those are imported."""
+
+    BUILD_VAR = "FEWBIT_BUILD_OPS"
+    NAME = ""
+
+    def __init__(self):
+        super().__init__(name=self.NAME)
+
+    def absolute_name(self):
+        return f"fewbit_dist.ops.{self.NAME}"
+
+    def include_paths(self):
+        return include_paths()
+
+    def is_compatible(self, verbose=False):
+        return True
+
+
 def cpu_builder():
     """A DeepSpeed OpBuilder for the CPU kernels (absolute source paths, as DeepSpeed wants for third-party ops)."""
     from deepspeed.ops.op_builder.builder import OpBuilder
 
-    class FewBitCPUBuilder(OpBuilder):
-        BUILD_VAR = "FEWBIT_BUILD_OPS"
+    class FewBitCPUBuilder(_FewBitBuilder, OpBuilder):
         NAME = CPU_NAME
-
-        def __init__(self):
-            super().__init__(name=self.NAME)
-
-        def absolute_name(self):
-            return f"fewbit_dist.ops.{self.NAME}"
 
         def sources(self):
             return cpu_sources()
-
-        def include_paths(self):
-            return include_paths()
 
         def cxx_args(self):
             return list(CPU_CXX_ARGS)
 
         def extra_ldflags(self):
             return ["-fopenmp"]
-
-        def is_compatible(self, verbose=False):
-            return True
 
     return FewBitCPUBuilder()
 
@@ -76,28 +82,15 @@ def cuda_builder():
     """A DeepSpeed CUDAOpBuilder for the CUDA kernels (the same header-only core as the CPU ones)."""
     from deepspeed.ops.op_builder.builder import CUDAOpBuilder
 
-    class FewBitCUDABuilder(CUDAOpBuilder):
-        BUILD_VAR = "FEWBIT_BUILD_OPS"
+    class FewBitCUDABuilder(_FewBitBuilder, CUDAOpBuilder):
         NAME = CUDA_NAME
-
-        def __init__(self):
-            super().__init__(name=self.NAME)
-
-        def absolute_name(self):
-            return f"fewbit_dist.ops.{self.NAME}"
 
         def sources(self):
             return cuda_sources()
 
-        def include_paths(self):
-            return include_paths()
-
         def nvcc_args(self):
             # No --use_fast_math: it flushes denormals, and the kernels must give the reference's bytes.
             return [a for a in super().nvcc_args() if a != "--use_fast_math"] + ["-lineinfo"]
-
-        def is_compatible(self, verbose=False):
-            return True
 
     return FewBitCUDABuilder()
 

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FEWBIT_HD __host__ __device__ __forceinline__
@@ -93,6 +94,24 @@ FEWBIT_HD void unpack_group(const uint8_t* group_bytes, int32_t count, int32_t b
   const uint64_t mask = (1ull << bits) - 1ull;
   for (int32_t j = 0; j < count; ++j) {
     codes[j] = static_cast<uint32_t>((word >> (j * bits)) & mask);
+  }
+}
+
+// Call f(std::integral_constant<int, BITS>{}) for a runtime bit-width in 1..8, so kernels can take it as a
+// template parameter (loops unroll, shifts are constants). Callers check the range first; anything else
+// runs nothing.
+template <typename F>
+inline void dispatch_bits(int64_t bits, F&& f) {
+  switch (bits) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: break;
   }
 }
 
