@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -150,8 +149,6 @@ class Runner:
         tcfg = cfg["training"]
         method = tcfg["checkpointing"]
         if strategy.startswith("zero"):
-            import deepspeed
-
             if method != "none":
                 ckpt.enable(model, method)
             optimizer = None if "optimizer" in ds_config else make_optimizer(model, tcfg)

@@ -11,7 +11,7 @@ import fewbit_dist.functional as FF
 from fewbit_dist.memory import SavedTensorMeter
 from fewbit_dist.quant import table
 
-from conftest import DTYPES, awkward_inputs
+from conftest import awkward_inputs
 
 # (name, constructor kwargs, table name and params or None for piecewise)
 CASES = [
@@ -73,7 +73,7 @@ def test_forward_identical_to_torch(name, kwargs, tab, dtype):
             xi = x.clone().requires_grad_(requires_grad)
             try:
                 expected = ref(x.clone())
-            except RuntimeError as exc:  # torch lacks this dtype: we must fail the same way
+            except RuntimeError:  # torch lacks this dtype: we must fail the same way
                 with pytest.raises(RuntimeError):
                     ours(xi)
                 continue
