@@ -69,11 +69,12 @@ def test_fallback_policy(monkeypatch):
 
     import fewbit_dist.ops.builder as builder
 
-    saved = dict(native._state)
+    state = native._states["cpu"]
+    saved = dict(state)
     monkeypatch.setattr(builder, "jit_load_cpu", broken)
     monkeypatch.setitem(sys.modules, "fewbit_dist._fewbit_cpu", None)  # no prebuilt module either
     try:
-        native._state.update(tried=False, module=None, error=None, source=None)
+        state.update(tried=False, module=None, error=None, source=None)
         monkeypatch.setenv("FEWBIT_NATIVE", "")
         with pytest.warns(RuntimeWarning, match="native cpu kernels unavailable, using the pure-PyTorch reference"):
             assert not native.native_available()
@@ -82,7 +83,7 @@ def test_fallback_policy(monkeypatch):
             assert not native.native_available()
             x = torch.randn(100, requires_grad=True)
             fewbit_dist.GELU()(x).sum().backward()  # training goes on, on the reference
-        native._state.update(tried=False, module=None, error=None, source=None)
+        state.update(tried=False, module=None, error=None, source=None)
         monkeypatch.setenv("FEWBIT_NATIVE", "1")
         with pytest.raises(RuntimeError, match="FEWBIT_NATIVE=1 but the native cpu kernels failed to build"):
             native.native_available()
@@ -92,8 +93,8 @@ def test_fallback_policy(monkeypatch):
         with pytest.raises(ValueError, match="FEWBIT_NATIVE must be unset, '0' or '1'"):
             native.native_available()
     finally:
-        native._state.clear()
-        native._state.update(saved)
+        state.clear()
+        state.update(saved)
 
 
 def test_native_available_after_first_use_in_a_fresh_process():

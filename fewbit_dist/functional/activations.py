@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .. import ops
-from ..quant.packing import CHUNK, check_bits, pack_codes, packed_nbytes
+from ..ops.native import encode_pack_chunked
+from ..quant.packing import check_bits
 from ..quant.tables import Table, canonical_params, function_for, table
 
 __all__ = [
@@ -104,13 +105,7 @@ def _encode_and_pack(x: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:
     """Codes of x packed at spec.bits per element: the native op for tables, the reference otherwise."""
     if spec.table is not None:
         return ops.encode_pack(x, spec.borders_tensor(x.device, _opmath(x.dtype)), spec.bits)
-    flat = x.reshape(-1)
-    n, bits = flat.numel(), spec.bits
-    packed = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8, device=x.device)
-    for s in range(0, n, CHUNK):  # CHUNK is a multiple of 8: each chunk starts on a byte boundary
-        e = min(n, s + CHUNK)
-        pack_codes(spec.encode(flat[s:e]), bits, out=packed[s * bits // 8: packed_nbytes(e, bits)])
-    return packed
+    return encode_pack_chunked(x, spec.encode, spec.bits)
 
 
 def _check_input(x, name):

@@ -28,12 +28,11 @@ import torch
 from ..quant.packing import CHUNK, check_bits, pack_codes, packed_nbytes, unpack_codes
 
 __all__ = ["native_available", "native_module", "encode_pack", "unpack_scale", "encode_with_borders",
-           "reference_encode_pack", "reference_unpack_scale", "native_state"]
+           "encode_pack_chunked", "reference_encode_pack", "reference_unpack_scale", "native_state"]
 
 _lock = threading.Lock()
 _LOADERS = {"cpu": ("fewbit_dist._fewbit_cpu", "jit_load_cpu"), "cuda": ("fewbit_dist._fewbit_cuda", "jit_load_cuda")}
 _states: dict = {dev: {"tried": False, "module": None, "error": None, "source": None} for dev in _LOADERS}
-_state = _states["cpu"]  # the CPU state, kept under its old name for the tests and the report
 
 
 def _mode() -> str:
@@ -98,14 +97,19 @@ def encode_with_borders(x: torch.Tensor, borders: torch.Tensor) -> torch.Tensor:
     return codes.masked_fill_(xs.isnan(), 0)
 
 
-def reference_encode_pack(x: torch.Tensor, borders: torch.Tensor, bits: int) -> torch.Tensor:
+def encode_pack_chunked(x: torch.Tensor, encode, bits: int) -> torch.Tensor:
+    """pack_codes(encode(x), bits), a chunk at a time so that the codes never exist for all of x at once."""
     flat = x.reshape(-1)
     n = flat.numel()
     packed = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8, device=x.device)
     for s in range(0, n, CHUNK):  # CHUNK is a multiple of 8: each chunk starts on a byte boundary
         e = min(n, s + CHUNK)
-        pack_codes(encode_with_borders(flat[s:e], borders), bits, out=packed[s * bits // 8: packed_nbytes(e, bits)])
+        pack_codes(encode(flat[s:e]), bits, out=packed[s * bits // 8: packed_nbytes(e, bits)])
     return packed
+
+
+def reference_encode_pack(x: torch.Tensor, borders: torch.Tensor, bits: int) -> torch.Tensor:
+    return encode_pack_chunked(x, lambda chunk: encode_with_borders(chunk, borders), bits)
 
 
 def reference_unpack_scale(packed: torch.Tensor, levels: torch.Tensor, grad: torch.Tensor, bits: int) -> torch.Tensor:
