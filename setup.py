@@ -23,7 +23,9 @@ def native_extensions():
 
     include = [str(ROOT / "csrc" / "include")]
     exts = [CppExtension("fewbit_dist._fewbit_cpu", ["csrc/cpu/fewbit_cpu.cpp"], include_dirs=include,
-                         extra_compile_args=["-O3", "-std=c++17", "-fopenmp"], extra_link_args=["-fopenmp"])]
+                         # the flags of fewbit_dist.ops.builder.CPU_CXX_ARGS (no FMA: the reference's bytes)
+                         extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"],
+                         extra_link_args=["-fopenmp"])]
     if torch.version.cuda and CUDA_HOME:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         exts.append(CUDAExtension("fewbit_dist._fewbit_cuda", ["csrc/cuda/binding.cpp", "csrc/cuda/fewbit_cuda.cu"],

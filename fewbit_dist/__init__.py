@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 from . import functional, memory, quant, util  # noqa: E402,F401
 from .config import FewBitConfig  # noqa: E402
 from .convert import ConversionReport, conversion_report, convert  # noqa: E402
-from .nn.linear import RandomizedLinear  # noqa: E402
+from .nn.dropout import Dropout  # noqa: E402
+from .nn.linear import LowBitLinear, RandomizedLinear  # noqa: E402
 from .nn.activations import (  # noqa: E402
     CELU, ELU, GELU, SELU, FewBitActivation, Hardshrink, Hardsigmoid, Hardswish, Hardtanh, LeakyReLU, LogSigmoid,
     Mish, ReLU, ReLU6, Sigmoid, SiLU, Softplus, Softshrink, Softsign, Tanh, Tanhshrink, Threshold,
@@ -25,7 +26,7 @@ PIECEWISE_ACTIVATIONS = ("ReLU", "LeakyReLU", "Threshold", "Hardsigmoid", "Hardt
 
 __all__ = [
     "__version__", "convert", "conversion_report", "ConversionReport", "FewBitConfig", "FewBitActivation",
-    "RandomizedLinear",
+    "RandomizedLinear", "LowBitLinear", "Dropout",
     "functional", "memory", "quant", "util", "SMOOTH_ACTIVATIONS", "PIECEWISE_ACTIVATIONS",
     *SMOOTH_ACTIVATIONS, *PIECEWISE_ACTIVATIONS,
 ]

@@ -8,10 +8,17 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
+from .functional.lowbit import DEFAULT_GROUP_SIZE, check_lowbit_args
 from .functional.sketch import DEFAULT_SKETCH, sketch_for
 from .nn.linear import check_projection_args
 
-__all__ = ["FewBitConfig", "ConfigLike"]
+__all__ = ["FewBitConfig", "ConfigLike", "LAYER_FIELDS"]
+
+# Fields an override may set for the modules it matches. Setting either linear method in an override
+# replaces the linear method of those modules (the other method's fields fall back to their defaults).
+LOWBIT_FIELDS = ("linear_bits", "linear_group_size", "linear_rounding")
+SKETCH_FIELDS = ("proj_dim_ratio", "proj_dim", "proj_dim_min", "proj_dim_max", "sketch")
+LAYER_FIELDS = ("activation_bits", *LOWBIT_FIELDS, *SKETCH_FIELDS, "compress_dropout")
 
 
 def _patterns(value, name) -> tuple[str, ...]:
@@ -39,7 +46,21 @@ class FewBitConfig:
         comes from a sketch of ceil(proj_dim_ratio * rows) rows (a ratio in (0, 1]) or of proj_dim rows.
         Both None (the default): linear layers stay nn.Linear.
     proj_dim_min / proj_dim_max: clamp the sketch size (rows).
-    sketch: 'count' (default), 'rownorm', 'gaussian' or 'rademacher' (fewbit_dist.functional.sketch).
+    sketch: 'rownorm' (default), 'count', 'gaussian' or 'rademacher' (fewbit_dist.functional.sketch).
+    linear_bits: 2..8: every matched nn.Linear becomes a LowBitLinear that saves its input at that many bits
+        per element (stochastic rounding, per-group scales); None (default): no. A layer is either low-bit
+        or sketched: setting both linear_bits and proj_dim_ratio/proj_dim is an error.
+    linear_group_size: columns per (lo, scale) pair of LowBitLinear (default 128).
+    linear_rounding: 'stochastic' (unbiased, default) or 'nearest'.
+    compress_dropout: swap nn.Dropout for fewbit_dist.Dropout (a 1-bit saved mask). Default False.
+    overrides: a list of {"pattern": glob or [globs], <field>: value, ...}: for the modules a pattern matches
+        (and their descendants) those fields replace the ones above. Fields: LAYER_FIELDS. An override that
+        sets either linear method (linear_bits, or proj_dim_ratio/proj_dim) replaces the linear method: e.g.
+        {"pattern": "*.attention.self", "proj_dim_ratio": 0.2} sketches the Q/K/V projections of a
+        config whose linear_bits is 4, and {"pattern": "classifier", "linear_bits": null,
+        "activation_bits": null} keeps the classifier exact. Two overrides that match one module and set
+        one field differently (or choose different linear methods) are a conflict: `convert` raises and
+        names the module and the overrides.
 
     `*` in a pattern matches any characters, dots included. Every pattern must match at least one module
     path of the model, or `convert` raises: a typo must not silently convert nothing.
@@ -54,6 +75,11 @@ class FewBitConfig:
     proj_dim_min: Union[int, None] = None
     proj_dim_max: Union[int, None] = None
     sketch: str = DEFAULT_SKETCH
+    linear_bits: Union[int, None] = None
+    linear_group_size: int = DEFAULT_GROUP_SIZE
+    linear_rounding: str = "stochastic"
+    compress_dropout: bool = False
+    overrides: tuple = ()
 
     def __post_init__(self):
         bits = self.activation_bits
@@ -71,6 +97,79 @@ class FewBitConfig:
         elif self.proj_dim_min is not None or self.proj_dim_max is not None:
             raise ValueError("proj_dim_min/proj_dim_max need proj_dim_ratio or proj_dim (they clamp the sketch size)")
         sketch_for(self.sketch)
+        if self.linear_bits is not None and self.randomized_linear:
+            raise ValueError(f"linear_bits={self.linear_bits} and proj_dim_ratio/proj_dim (a sketch) are both set: a "
+                             "linear layer is either low-bit or sketched; choose per layer with `overrides`")
+        check_lowbit_args(4 if self.linear_bits is None else self.linear_bits, self.linear_group_size,
+                          self.linear_rounding, names=LOWBIT_FIELDS)
+        if not isinstance(self.compress_dropout, bool):
+            raise TypeError(f"compress_dropout must be a bool, got {self.compress_dropout!r}")
+        object.__setattr__(self, "overrides", tuple(self._check_override(i, o) for i, o in enumerate(
+            self._override_list(self.overrides))))
+
+    @staticmethod
+    def _override_list(value):
+        if isinstance(value, Mapping) or isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise TypeError(f"overrides must be a list of {{'pattern': ..., <field>: value}} objects, got {value!r}")
+        return value
+
+    def _check_override(self, index: int, override) -> "Override":
+        if isinstance(override, Override):
+            override = override.as_dict()
+        if not isinstance(override, Mapping):
+            raise TypeError(f"overrides[{index}] must be an object {{'pattern': ..., <field>: value}}, got {override!r}")
+        if "pattern" not in override:
+            raise ValueError(f"overrides[{index}] needs a 'pattern' (a glob over module paths, or a list of them)")
+        fields = {k: v for k, v in override.items() if k != "pattern"}
+        unknown = sorted(set(fields) - set(LAYER_FIELDS))
+        if unknown:
+            raise ValueError(f"overrides[{index}]: unknown field(s) {unknown}; an override may set: "
+                             f"{', '.join(LAYER_FIELDS)}")
+        if not fields:
+            raise ValueError(f"overrides[{index}] sets no field; an override may set: {', '.join(LAYER_FIELDS)}")
+        result = Override(_patterns(override["pattern"], f"overrides[{index}].pattern"), tuple(sorted(fields.items())))
+        if not result.patterns:
+            raise ValueError(f"overrides[{index}].pattern must not be empty")
+        try:  # its values must make a valid config on their own, applied to this one
+            self.layer_config([result])
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"overrides[{index}] {override!r}: {exc}") from None
+        return result
+
+    def layer_config(self, overrides) -> "FewBitConfig":
+        """The settings for a module that `overrides` (a list of Override, in order) match: this config
+        with their fields applied and no overrides. Raises ValueError on conflicting overrides."""
+        fields = {name: getattr(self, name) for name in LAYER_FIELDS}
+        set_by: dict[str, tuple[int, Any]] = {}
+        method_by = None
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for i, ov in enumerate(overrides):
+            values = dict(ov.fields)
+            method = ov.linear_method()
+            if method is not None:
+                if method_by is not None and method_by[1] != method:
+                    raise ValueError(f"conflicting overrides: {overrides[method_by[0]]} makes linear layers "
+                                     f"{method_by[1]} and {ov} makes them {method}")
+                method_by = (i, method)
+                for name in (SKETCH_FIELDS if method == "low-bit" else LOWBIT_FIELDS):
+                    fields[name] = defaults[name]  # the other method's settings no longer apply
+            for name, value in values.items():
+                if name in set_by and set_by[name][1] != value:
+                    raise ValueError(f"conflicting overrides: {overrides[set_by[name][0]]} sets {name}="
+                                     f"{set_by[name][1]!r} and {ov} sets {name}={value!r}")
+                set_by[name] = (i, value)
+                fields[name] = value
+        if method_by is None and not overrides:
+            return self if not self.overrides else dataclasses.replace(self, overrides=())
+        return dataclasses.replace(self, overrides=(), **fields)
+
+    @property
+    def low_bit_linear(self) -> bool:
+        """Whether matched nn.Linear layers become LowBitLinear."""
+        return self.linear_bits is not None
+
+    def lowbit_kwargs(self) -> dict:
+        return {"bits": self.linear_bits, "group_size": self.linear_group_size, "rounding": self.linear_rounding}
 
     @property
     def randomized_linear(self) -> bool:
@@ -131,9 +230,36 @@ class FewBitConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        d["overrides"] = [ov.as_dict() for ov in self.overrides]
         return d
+
+
+@dataclass(frozen=True)
+class Override:
+    """One entry of FewBitConfig.overrides: glob patterns over module paths and the fields they set."""
+
+    patterns: tuple[str, ...]
+    fields: tuple[tuple[str, Any], ...]
+
+    def linear_method(self):
+        """'low-bit' or 'sketched' when this override chooses a linear method (a non-null linear_bits, or a
+        non-null proj_dim_ratio/proj_dim), else None (null values only set those fields)."""
+        values = dict(self.fields)
+        lowbit = values.get("linear_bits") is not None
+        sketch = values.get("proj_dim_ratio") is not None or values.get("proj_dim") is not None
+        if lowbit and sketch:
+            raise ValueError("an override sets both linear_bits and a sketch size: a linear layer is either "
+                             "low-bit or sketched")
+        return "low-bit" if lowbit else "sketched" if sketch else None
+
+    def as_dict(self) -> dict:
+        pattern = self.patterns[0] if len(self.patterns) == 1 else list(self.patterns)
+        return {"pattern": pattern, **dict(self.fields)}
+
+    def __str__(self) -> str:
+        return json.dumps(self.as_dict())
 
 
 ConfigLike = Union[FewBitConfig, Mapping[str, Any], str, os.PathLike, None]

@@ -1,8 +1,9 @@
 """`convert(model, config=None, **overrides)`: one call that makes a whole model few-bit, in place.
 
 It swaps the torch.nn activations (the 21 of `fewbit_dist.nn`) and the activation modules of Hugging Face
-transformers for their few-bit versions, and, when the config asks for sketches (proj_dim_ratio or
-proj_dim), every nn.Linear for a RandomizedLinear sharing its Parameters. Parameters, buffers and
+transformers for their few-bit versions; when the config asks for it, every nn.Linear for a LowBitLinear
+(linear_bits) or a RandomizedLinear (proj_dim_ratio / proj_dim) sharing its Parameters, and every nn.Dropout
+for fewbit_dist.Dropout (compress_dropout). Per-pattern `overrides` choose per module. Parameters, buffers and
 state_dict keys are untouched, so checkpoints load both ways and tied weights stay tied. Run it before
 ZeRO/FSDP wrap or shard the model.
 """
@@ -21,7 +22,8 @@ from .config import ConfigLike, FewBitConfig
 from .integrations.sharding import check_not_sharded
 from .integrations.transformers import transformers_activation_spec
 from .nn.activations import PIECEWISE_MODULES, SMOOTH_MODULES, FewBitActivation, FewBitModule
-from .nn.linear import RandomizedLinear
+from .nn.dropout import Dropout
+from .nn.linear import LowBitLinear, RandomizedLinear
 from .util import convert_linear, map_module
 
 __all__ = ["convert", "convert_activation", "ConversionReport", "conversion_report"]
@@ -78,12 +80,13 @@ def _matches(path: str, patterns) -> bool:
 
 def _check_patterns(model: nn.Module, cfg: FewBitConfig) -> None:
     paths = [p for p, _ in model.named_modules() if p]
-    for kind in ("include", "exclude"):
-        for p in getattr(cfg, kind):
-            if not any(_matches(path, [p]) for path in paths):
-                sample = ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")
-                raise ValueError(f"{kind} pattern {p!r} matches no module path of the model (paths look like: "
-                                 f"{sample}); `*` matches any characters, dots included")
+    checks = [(kind, p) for kind in ("include", "exclude") for p in getattr(cfg, kind)]
+    checks += [(f"overrides[{i}]", p) for i, ov in enumerate(cfg.overrides) for p in ov.patterns]
+    for kind, p in checks:
+        if not any(_matches(path, [p]) for path in paths):
+            sample = ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")
+            raise ValueError(f"{kind} pattern {p!r} matches no module path of the model (paths look like: "
+                             f"{sample}); `*` matches any characters, dots included")
 
 
 def convert(model: nn.Module, config: ConfigLike = None, **overrides) -> nn.Module:
@@ -97,16 +100,32 @@ def convert(model: nn.Module, config: ConfigLike = None, **overrides) -> nn.Modu
     _check_patterns(model, cfg)
     report = ConversionReport(cfg)
 
+    resolved: dict[tuple[int, ...], FewBitConfig] = {}
+
+    def settings(path: str) -> FewBitConfig:
+        hits = tuple(i for i, ov in enumerate(cfg.overrides) if _matches(path, ov.patterns))
+        if hits not in resolved:
+            try:
+                resolved[hits] = cfg.layer_config([cfg.overrides[i] for i in hits])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"module {path!r}: {exc}") from None
+        return resolved[hits]
+
     def swap(module: nn.Module, path: str) -> nn.Module:
         if cfg.include and not _matches(path, cfg.include):
             return module
         if cfg.exclude and _matches(path, cfg.exclude):
             return module
+        layer = settings(path)
         new = module
-        if cfg.activation_bits is not None:
-            new = convert_activation(module, cfg.activation_bits, cfg.convert_transformers)
-        if new is module and cfg.randomized_linear:
-            new = convert_linear(module, RandomizedLinear, **cfg.linear_kwargs())
+        if layer.activation_bits is not None:
+            new = convert_activation(module, layer.activation_bits, layer.convert_transformers)
+        if new is module and layer.low_bit_linear:
+            new = convert_linear(module, LowBitLinear, **layer.lowbit_kwargs())
+        if new is module and layer.randomized_linear:
+            new = convert_linear(module, RandomizedLinear, **layer.linear_kwargs())
+        if new is module and layer.compress_dropout and type(module) is nn.Dropout:
+            new = Dropout(module.p, module.inplace)
         if new is not module:
             new.train(module.training)
             report.swapped.append((path, type(module).__name__, repr(new)))

@@ -1,4 +1,5 @@
-// CPU kernels of the few-bit activations: quantize + pack in forward, unpack + scale in backward.
+// CPU kernels: few-bit activations (encode + pack in forward, unpack + scale in backward) and the
+// group-affine quantization of LowBitLinear inputs (quantize + pack, unpack + dequantize).
 // The arithmetic is csrc/include/fewbit/core.h, the same the CUDA kernels run. Work is split into whole
 // groups of eight elements (b bytes each), so threads never share a byte.
 #include <torch/extension.h>
@@ -149,6 +150,99 @@ torch::Tensor unpack_scale(const torch::Tensor& packed, const torch::Tensor& lev
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// LowBitLinear: group-affine quantization of a [rows, cols] input, packed at `bits` per element (row-major
+// stream), and its inverse. lo and scale are float32 [rows, groups_per_row]; noise (optional) is float32
+// [rows, cols] in [0, 1): stochastic rounding; without it, round to nearest (u = 0.5).
+
+void check_group_tables(const torch::Tensor& lo, const torch::Tensor& scale, int64_t rows, int64_t groups) {
+  TORCH_CHECK(lo.scalar_type() == torch::kFloat && scale.scalar_type() == torch::kFloat,
+              "lo and scale must be float32");
+  TORCH_CHECK(lo.dim() == 2 && lo.size(0) == rows && lo.size(1) == groups && scale.sizes() == lo.sizes(),
+              "lo and scale must be [rows, ceil(cols / group_size)] = [", rows, ", ", groups, "]");
+}
+
+torch::Tensor quantize_pack(const torch::Tensor& input, const torch::Tensor& lo, const torch::Tensor& scale,
+                            const c10::optional<torch::Tensor>& noise, int64_t bits, int64_t group_size) {
+  check_bits(bits);
+  TORCH_CHECK(input.device().is_cpu(), "fewbit_cpu: tensors must be on the CPU");
+  TORCH_CHECK(input.dim() == 2, "input must be 2-D [rows, cols]");
+  TORCH_CHECK(group_size >= 1, "group_size must be >= 1");
+  const int64_t rows = input.size(0), cols = input.size(1);
+  const int64_t groups = cols == 0 ? 0 : (cols + group_size - 1) / group_size;
+  check_group_tables(lo, scale, rows, groups);
+  const auto x = input.contiguous();
+  const auto lc = lo.contiguous(), sc = scale.contiguous();
+  torch::Tensor nc;
+  if (noise.has_value()) {
+    TORCH_CHECK(noise->scalar_type() == torch::kFloat && noise->sizes() == input.sizes(),
+                "noise must be float32 with the input's shape");
+    nc = noise->contiguous();
+  }
+  const int64_t n = x.numel();
+  auto out = torch::empty({fewbit::packed_nbytes(n, static_cast<int32_t>(bits))}, x.options().dtype(torch::kUInt8));
+  if (n == 0) return out;
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const float* plo = lc.data_ptr<float>();
+  const float* psc = sc.data_ptr<float>();
+  const float* pu = nc.defined() ? nc.data_ptr<float>() : nullptr;
+  const int32_t b = static_cast<int32_t>(bits);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fewbit_quantize_pack", [&] {
+    const scalar_t* src = x.data_ptr<scalar_t>();
+    at::parallel_for(0, (n + 7) / 8, kGrain, [&](int64_t g0, int64_t g1) {
+      uint32_t codes[8];
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t first = g * 8;
+        const int32_t count = static_cast<int32_t>(std::min<int64_t>(8, n - first));
+        for (int32_t j = 0; j < count; ++j) {
+          const int64_t e = first + j;
+          const int64_t gi = fewbit::group_index(e, cols, group_size, groups);
+          const float u = pu ? pu[e] : 0.5f;
+          codes[j] = fewbit::quantize_affine(static_cast<float>(src[e]), plo[gi], psc[gi], u, b);
+        }
+        fewbit::pack_group(codes, count, b, dst + g * b);
+      }
+    });
+  });
+  return out;
+}
+
+torch::Tensor unpack_dequantize(const torch::Tensor& packed, const torch::Tensor& lo, const torch::Tensor& scale,
+                                int64_t bits, int64_t cols, int64_t group_size, at::ScalarType dtype) {
+  check_bits(bits);
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.device().is_cpu(), "packed must be a CPU uint8 tensor");
+  TORCH_CHECK(group_size >= 1 && cols >= 0, "group_size must be >= 1 and cols >= 0");
+  TORCH_CHECK(lo.dim() == 2, "lo must be 2-D [rows, groups]");
+  const int64_t rows = lo.size(0);
+  const int64_t groups = cols == 0 ? 0 : (cols + group_size - 1) / group_size;
+  check_group_tables(lo, scale, rows, groups);
+  const int64_t n = rows * cols;
+  TORCH_CHECK(packed.numel() >= fewbit::packed_nbytes(n, static_cast<int32_t>(bits)), "packed is too short");
+  auto out = torch::empty({rows, cols}, lo.options().dtype(dtype));
+  if (n == 0) return out;
+  const auto pc = packed.contiguous(), lc = lo.contiguous(), sc = scale.contiguous();
+  const uint8_t* src = pc.data_ptr<uint8_t>();
+  const float* plo = lc.data_ptr<float>();
+  const float* psc = sc.data_ptr<float>();
+  const int32_t b = static_cast<int32_t>(bits);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fewbit_unpack_dequantize", [&] {
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, (n + 7) / 8, kGrain, [&](int64_t g0, int64_t g1) {
+      uint32_t codes[8];
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t first = g * 8;
+        const int32_t count = static_cast<int32_t>(std::min<int64_t>(8, n - first));
+        fewbit::unpack_group(src + g * b, count, b, codes);
+        for (int32_t j = 0; j < count; ++j) {
+          const int64_t gi = fewbit::group_index(first + j, cols, group_size, groups);
+          dst[first + j] = static_cast<scalar_t>(fewbit::dequantize_affine(codes[j], plo[gi], psc[gi]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
 // The indexing arithmetic, exposed so tests can check it past 2^31 bits without allocating that much.
 std::tuple<int64_t, int64_t> bit_position(int64_t element, int64_t bits) {
   check_bits(bits);
@@ -162,5 +256,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fewbit_dist CPU kernels";
   m.def("encode_pack", &encode_pack, "codes of input against borders, packed at bits per element");
   m.def("unpack_scale", &unpack_scale, "levels[code] * grad, computed in the compute dtype");
+  m.def("quantize_pack", &quantize_pack, "group-affine codes of a [rows, cols] input, packed at bits per element");
+  m.def("unpack_dequantize", &unpack_dequantize, "lo + code * scale as a [rows, cols] tensor of dtype");
   m.def("bit_position", &bit_position, "(byte, shift) of an element's first bit");
 }

@@ -1,4 +1,5 @@
-// CUDA kernels of the few-bit activations: the same arithmetic as the CPU kernels (fewbit/core.h).
+// CUDA kernels of the few-bit activations and of LowBitLinear's input quantization: the same arithmetic
+// as the CPU kernels (fewbit/core.h).
 // One thread handles one group of eight elements (b packed bytes), so no two threads write one byte; the
 // borders sit in shared memory. Launched on the current stream under a device guard.
 #include <ATen/Dispatch.h>
@@ -59,6 +60,46 @@ __global__ void unpack_scale_kernel(const uint8_t* __restrict__ packed, const Ac
   }
 }
 
+// LowBitLinear: one thread per group of eight elements, as above; lo/scale looked up per element.
+template <typename T>
+__global__ void quantize_pack_kernel(const T* __restrict__ x, const float* __restrict__ lo,
+                                     const float* __restrict__ scale, const float* __restrict__ noise,
+                                     uint8_t* __restrict__ out, int64_t n, int64_t cols, int64_t group_size,
+                                     int64_t groups_per_row, int32_t bits) {
+  const int64_t groups = (n + 7) / 8;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t first = g * 8;
+    const int32_t count = static_cast<int32_t>(min(static_cast<int64_t>(8), n - first));
+    uint32_t codes[8];
+    for (int32_t j = 0; j < count; ++j) {
+      const int64_t e = first + j;
+      const int64_t gi = fewbit::group_index(e, cols, group_size, groups_per_row);
+      const float u = noise != nullptr ? noise[e] : 0.5f;
+      codes[j] = fewbit::quantize_affine(static_cast<float>(x[e]), lo[gi], scale[gi], u, bits);
+    }
+    fewbit::pack_group(codes, count, bits, out + g * bits);
+  }
+}
+
+template <typename T>
+__global__ void unpack_dequantize_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ lo,
+                                         const float* __restrict__ scale, T* __restrict__ out, int64_t n,
+                                         int64_t cols, int64_t group_size, int64_t groups_per_row, int32_t bits) {
+  const int64_t groups = (n + 7) / 8;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t first = g * 8;
+    const int32_t count = static_cast<int32_t>(min(static_cast<int64_t>(8), n - first));
+    uint32_t codes[8];
+    fewbit::unpack_group(packed + g * bits, count, bits, codes);
+    for (int32_t j = 0; j < count; ++j) {
+      const int64_t gi = fewbit::group_index(first + j, cols, group_size, groups_per_row);
+      out[first + j] = static_cast<T>(fewbit::dequantize_affine(codes[j], lo[gi], scale[gi]));
+    }
+  }
+}
+
 }  // namespace
 
 torch::Tensor encode_pack_cuda(const torch::Tensor& input, const torch::Tensor& borders, int64_t bits) {
@@ -109,6 +150,73 @@ torch::Tensor unpack_scale_cuda(const torch::Tensor& packed, const torch::Tensor
       unpack_scale_kernel<decltype(B)::value, scalar_t, acc_t><<<blocks_for(groups), kThreads, 0, stream>>>(
           p.data_ptr<uint8_t>(), l.data_ptr<acc_t>(), g.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n);
     });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+namespace {
+void check_group_tables(const torch::Tensor& lo, const torch::Tensor& scale, int64_t rows, int64_t groups) {
+  TORCH_CHECK(lo.scalar_type() == torch::kFloat && scale.scalar_type() == torch::kFloat,
+              "lo and scale must be float32");
+  TORCH_CHECK(lo.dim() == 2 && lo.size(0) == rows && lo.size(1) == groups && scale.sizes() == lo.sizes(),
+              "lo and scale must be [rows, ceil(cols / group_size)] = [", rows, ", ", groups, "]");
+}
+}  // namespace
+
+torch::Tensor quantize_pack_cuda(const torch::Tensor& input, const torch::Tensor& lo, const torch::Tensor& scale,
+                                 const c10::optional<torch::Tensor>& noise, int64_t bits, int64_t group_size) {
+  TORCH_CHECK(bits >= 1 && bits <= 8, "bits must be in 1..8, got ", bits);
+  TORCH_CHECK(input.is_cuda() && lo.is_cuda() && scale.is_cuda(), "fewbit_cuda: tensors must be on a CUDA device");
+  TORCH_CHECK(input.dim() == 2, "input must be 2-D [rows, cols]");
+  TORCH_CHECK(group_size >= 1, "group_size must be >= 1");
+  const int64_t rows = input.size(0), cols = input.size(1);
+  const int64_t groups = cols == 0 ? 0 : (cols + group_size - 1) / group_size;
+  check_group_tables(lo, scale, rows, groups);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto x = input.contiguous();
+  const auto lc = lo.contiguous(), sc = scale.contiguous();
+  torch::Tensor nc;
+  if (noise.has_value()) {
+    TORCH_CHECK(noise->is_cuda() && noise->scalar_type() == torch::kFloat && noise->sizes() == input.sizes(),
+                "noise must be a float32 CUDA tensor with the input's shape");
+    nc = noise->contiguous();
+  }
+  const int64_t n = x.numel();
+  auto out = torch::empty({fewbit::packed_nbytes(n, static_cast<int32_t>(bits))}, x.options().dtype(torch::kUInt8));
+  if (n == 0) return out;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fewbit_quantize_pack_cuda", [&] {
+    quantize_pack_kernel<scalar_t><<<blocks_for((n + 7) / 8), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), lc.data_ptr<float>(), sc.data_ptr<float>(),
+        nc.defined() ? nc.data_ptr<float>() : nullptr, out.data_ptr<uint8_t>(), n, cols, group_size, groups,
+        static_cast<int32_t>(bits));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+torch::Tensor unpack_dequantize_cuda(const torch::Tensor& packed, const torch::Tensor& lo, const torch::Tensor& scale,
+                                     int64_t bits, int64_t cols, int64_t group_size, at::ScalarType dtype) {
+  TORCH_CHECK(bits >= 1 && bits <= 8, "bits must be in 1..8, got ", bits);
+  TORCH_CHECK(packed.is_cuda() && lo.is_cuda() && scale.is_cuda(), "fewbit_cuda: tensors must be on a CUDA device");
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8, "packed must be uint8");
+  TORCH_CHECK(group_size >= 1 && cols >= 0, "group_size must be >= 1 and cols >= 0");
+  TORCH_CHECK(lo.dim() == 2, "lo must be 2-D [rows, groups]");
+  const int64_t rows = lo.size(0);
+  const int64_t groups = cols == 0 ? 0 : (cols + group_size - 1) / group_size;
+  check_group_tables(lo, scale, rows, groups);
+  const int64_t n = rows * cols;
+  TORCH_CHECK(packed.numel() >= fewbit::packed_nbytes(n, static_cast<int32_t>(bits)), "packed is too short");
+  const c10::cuda::CUDAGuard guard(packed.device());
+  auto out = torch::empty({rows, cols}, lo.options().dtype(dtype));
+  if (n == 0) return out;
+  const auto pc = packed.contiguous(), lc = lo.contiguous(), sc = scale.contiguous();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fewbit_unpack_dequantize_cuda", [&] {
+    unpack_dequantize_kernel<scalar_t><<<blocks_for((n + 7) / 8), kThreads, 0, stream>>>(
+        pc.data_ptr<uint8_t>(), lc.data_ptr<float>(), sc.data_ptr<float>(), out.data_ptr<scalar_t>(), n, cols,
+        group_size, groups, static_cast<int32_t>(bits));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -2,6 +2,7 @@
 
 from .activations import *  # noqa: F401,F403
 from .activations import __all__ as _activations
-from .linear import RandomizedLinear  # noqa: F401
+from .dropout import Dropout  # noqa: F401
+from .linear import LowBitLinear, RandomizedLinear  # noqa: F401
 
-__all__ = [*_activations, "RandomizedLinear"]
+__all__ = [*_activations, "RandomizedLinear", "LowBitLinear", "Dropout"]

@@ -1,4 +1,4 @@
-"""RandomizedLinear: an nn.Linear whose weight gradient is estimated from a sketch of its input."""
+"""nn.Linear drop-ins with a compressed saved input: RandomizedLinear (a sketch) and LowBitLinear (low-bit codes)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from ..functional.linear import projection_dim, randomized_linear
+from ..functional.lowbit import DEFAULT_GROUP_SIZE, check_lowbit_args, low_bit_linear
 from ..functional.sketch import DEFAULT_SKETCH, sketch_for
 
-__all__ = ["RandomizedLinear", "check_projection_args"]
+__all__ = ["RandomizedLinear", "LowBitLinear", "check_projection_args"]
 
 
 def _opt_int(value, name):
@@ -73,3 +74,31 @@ class RandomizedLinear(nn.Linear):
             if getattr(self, name) is not None:
                 size += f", {name}={getattr(self, name)}"
         return f"{super().extra_repr()}, {size}, sketch={self.sketch!r}"
+
+
+class LowBitLinear(nn.Linear):
+    """Drop-in nn.Linear: exact forward, grad input and grad bias; grad weight from the input saved at `bits`.
+
+    The input is saved as `bits`-bit codes (2..8) with a float32 (lo, scale) per group of `group_size` columns of a row, and grad W = g^T x_hat.
+    rounding='stochastic' (default): E[x_hat] = x, grad W unbiased; 'nearest': lower error, biased. Layers
+    reading one tensor (Q, K, V) share one quantized copy. See fewbit_dist.functional.lowbit.
+    `generator`: where the rounding seeds come from (default: torch's CPU generator). Parameters and
+    state_dict keys are those of nn.Linear.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE, rounding: str = "stochastic",
+                 generator: Optional[torch.Generator] = None):
+        check_lowbit_args(bits, group_size, rounding)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.bits, self.group_size, self.rounding, self.generator = bits, group_size, rounding, generator
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return low_bit_linear(input, self.weight, self.bias, bits=self.bits, group_size=self.group_size,
+                              rounding=self.rounding, generator=self.generator)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}, "
+                f"rounding={self.rounding!r}")

@@ -10,7 +10,7 @@ __all__ = ["CSRC", "cpu_sources", "cuda_sources", "include_paths", "CPU_CXX_ARGS
            "jit_load_cpu", "jit_load_cuda", "build_cuda_extension"]
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-CPU_CXX_ARGS = ["-O3", "-std=c++17", "-fopenmp"]
+CPU_CXX_ARGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]  # no FMA: the reference's bytes
 CPU_NAME = "fewbit_dist_cpu_ops"  # unique: DeepSpeed caches loaded ops by NAME
 CUDA_NAME = "fewbit_dist_cuda_ops"
 DEFAULT_CUDA_ARCHS = "8.0;9.0"  # A100, H100/H200; override with TORCH_CUDA_ARCH_LIST

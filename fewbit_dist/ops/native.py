@@ -13,7 +13,13 @@ Ops (schemas in the `fewbit` namespace, with fake kernels so torch.compile and m
   borders (in the compute dtype: fp64 for fp64 x, else fp32), packed at `bits` per element;
 - fewbit::unpack_scale(Tensor packed, Tensor levels, Tensor grad, int bits) -> Tensor: levels[code] * grad,
   computed in the levels' dtype and returned in grad's.
-Both are bit-identical to the reference (tests/test_native.py).
+- fewbit::quantize_pack(Tensor x, Tensor lo, Tensor scale, Tensor? noise, int bits, int group_size) -> Tensor:
+  LowBitLinear's group-affine codes of a [rows, cols] input, clamp(floor((x - lo) / scale + u), 0, 2**bits - 1)
+  with u = noise (stochastic rounding) or 0.5 (nearest), lo/scale float32 [rows, ceil(cols / group_size)],
+  packed at `bits` per element;
+- fewbit::unpack_dequantize(Tensor packed, Tensor lo, Tensor scale, int bits, int cols, int group_size,
+  ScalarType dtype) -> Tensor: lo + code * scale (float32, no fused multiply-add) as [rows, cols] of dtype.
+All are bit-identical to the reference (tests/test_native.py).
 """
 
 from __future__ import annotations
@@ -22,13 +28,16 @@ import importlib
 import os
 import threading
 import warnings
+from typing import Optional
 
 import torch
 
 from ..quant.packing import CHUNK, check_bits, pack_codes, packed_nbytes, unpack_codes
 
 __all__ = ["native_available", "native_module", "encode_pack", "unpack_scale", "encode_with_borders",
-           "encode_pack_chunked", "reference_encode_pack", "reference_unpack_scale", "native_state"]
+           "encode_pack_chunked", "reference_encode_pack", "reference_unpack_scale", "native_state",
+           "quantize_pack", "unpack_dequantize", "reference_quantize_pack", "reference_unpack_dequantize",
+           "row_chunk"]
 
 _lock = threading.Lock()
 _LOADERS = {"cpu": ("fewbit_dist._fewbit_cpu", "jit_load_cpu"), "cuda": ("fewbit_dist._fewbit_cuda", "jit_load_cuda")}
@@ -123,6 +132,49 @@ def reference_unpack_scale(packed: torch.Tensor, levels: torch.Tensor, grad: tor
     return out.view(grad.shape)
 
 
+def row_chunk(cols: int) -> int:
+    """Rows per step of the row-chunked loops: about CHUNK elements, a multiple of 8 rows so that every
+    step starts on a byte boundary of the packed stream."""
+    return max(8, (CHUNK // max(cols, 1)) // 8 * 8)
+
+
+def _per_element(table: torch.Tensor, cols: int, group_size: int) -> torch.Tensor:
+    """[rows, groups] -> [rows, cols]: each group's value repeated over its columns."""
+    return table.repeat_interleave(group_size, dim=1)[:, :cols]
+
+
+def reference_quantize_pack(x: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, noise, bits: int,
+                            group_size: int) -> torch.Tensor:
+    rows, cols = x.shape
+    qmax = (1 << bits) - 1
+    packed = torch.empty(packed_nbytes(rows * cols, bits), dtype=torch.uint8, device=x.device)
+    step = row_chunk(cols)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        u = noise[r0:r1] if noise is not None else 0.5
+        # three separately rounded float32 operations, as in fewbit::quantize_affine
+        t = (x[r0:r1].float() - _per_element(lo[r0:r1], cols, group_size)) / _per_element(scale[r0:r1], cols,
+                                                                                           group_size) + u
+        codes = t.floor_().clamp_(0, qmax).nan_to_num_(0.0).to(torch.uint8)
+        pack_codes(codes, bits, out=packed[r0 * cols * bits // 8: packed_nbytes(r1 * cols, bits)])
+    return packed
+
+
+def reference_unpack_dequantize(packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, bits: int, cols: int,
+                                group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    rows = lo.shape[0]
+    out = torch.empty(rows, cols, dtype=dtype, device=lo.device)
+    step = row_chunk(cols)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        codes = unpack_codes(packed[r0 * cols * bits // 8: packed_nbytes(r1 * cols, bits)], bits, (r1 - r0) * cols,
+                             dtype=torch.int32).view(r1 - r0, cols)
+        # a product and a sum, each rounded to float32, as in fewbit::dequantize_affine
+        out[r0:r1] = codes.float() * _per_element(scale[r0:r1], cols, group_size) + _per_element(lo[r0:r1], cols,
+                                                                                              group_size)
+    return out
+
+
 # ------------------------------------------------------------------------------------ torch.library
 
 @torch.library.custom_op("fewbit::encode_pack", mutates_args=())
@@ -151,3 +203,33 @@ def unpack_scale(packed: torch.Tensor, levels: torch.Tensor, grad: torch.Tensor,
 @unpack_scale.register_fake
 def _(packed, levels, grad, bits):
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fewbit::quantize_pack", mutates_args=())
+def quantize_pack(x: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, noise: Optional[torch.Tensor], bits: int,
+                  group_size: int) -> torch.Tensor:
+    check_bits(bits)
+    mod = native_module(x.device.type)
+    if mod is not None:
+        return mod.quantize_pack(x, lo, scale, noise, bits, group_size)
+    return reference_quantize_pack(x, lo, scale, noise, bits, group_size)
+
+
+@quantize_pack.register_fake
+def _(x, lo, scale, noise, bits, group_size):
+    return x.new_empty(packed_nbytes(x.numel(), bits), dtype=torch.uint8)
+
+
+@torch.library.custom_op("fewbit::unpack_dequantize", mutates_args=())
+def unpack_dequantize(packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, bits: int, cols: int,
+                      group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    check_bits(bits)
+    mod = native_module(packed.device.type)
+    if mod is not None:
+        return mod.unpack_dequantize(packed, lo, scale, bits, cols, group_size, dtype)
+    return reference_unpack_dequantize(packed, lo, scale, bits, cols, group_size, dtype)
+
+
+@unpack_dequantize.register_fake
+def _(packed, lo, scale, bits, cols, group_size, dtype):
+    return lo.new_empty(lo.shape[0], cols, dtype=dtype)

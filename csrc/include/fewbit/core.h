@@ -116,3 +116,47 @@ inline void dispatch_bits(int64_t bits, F&& f) {
 }
 
 }  // namespace fewbit
+
+// ---------------------------------------------------------------------------------------------------------
+// Group-affine quantization of saved linear-layer inputs (LowBitLinear). Each row of a [rows, cols] input
+// is cut into groups of `group_size` columns (the last may be shorter); group g of row r has an offset
+// lo and a step scale (both float32, scale > 0). A value x gets
+//     code = clamp(floor((x - lo) / scale + u), 0, 2^bits - 1)
+// with u uniform in [0, 1) for stochastic rounding (then E[lo + code * scale] = x for x in the group's
+// range) or u = 0.5 for round-to-nearest. NaN gets code 0. Decoding is lo + code * scale, a product and a
+// sum each rounded to float32 (no fused multiply-add), exactly what the pure-PyTorch reference computes.
+
+namespace fewbit {
+
+#if defined(__CUDA_ARCH__)
+FEWBIT_HD float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+FEWBIT_HD float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+FEWBIT_HD float add_rn(float a, float b) { return __fadd_rn(a, b); }
+FEWBIT_HD float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+#else
+// The CPU build passes -ffp-contract=off, so these stay separately rounded operations.
+FEWBIT_HD float sub_rn(float a, float b) { return a - b; }
+FEWBIT_HD float div_rn(float a, float b) { return a / b; }
+FEWBIT_HD float add_rn(float a, float b) { return a + b; }
+FEWBIT_HD float mul_rn(float a, float b) { return a * b; }
+#endif
+
+FEWBIT_HD uint32_t quantize_affine(float x, float lo, float scale, float u, int32_t bits) {
+  const float t = add_rn(div_rn(sub_rn(x, lo), scale), u);
+  const float qmax = static_cast<float>((1u << bits) - 1u);
+  if (!(t >= 1.0f)) return 0u;  // below the first step, or NaN
+  if (t >= qmax) return static_cast<uint32_t>(qmax);
+  return static_cast<uint32_t>(t);  // truncation is floor for t >= 1
+}
+
+FEWBIT_HD float dequantize_affine(uint32_t code, float lo, float scale) {
+  return add_rn(mul_rn(static_cast<float>(code), scale), lo);
+}
+
+// Group of element (row, col) in the [rows, groups_per_row] tables of lo and scale.
+FEWBIT_HD int64_t group_index(int64_t element, int64_t cols, int64_t group_size, int64_t groups_per_row) {
+  const int64_t row = element / cols;
+  return row * groups_per_row + (element - row * cols) / group_size;
+}
+
+}  // namespace fewbit

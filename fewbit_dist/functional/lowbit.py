@@ -1,0 +1,198 @@
+"""Low-bit linear layer: exact forward, grad input and grad bias; grad weight from a quantized saved input.
+
+    y = x W^T + b                       exact
+    grad_x = g W,  grad_b = sum_rows g  exact
+    grad_W = g^T x_hat                  x_hat = lo + code * scale, E[x_hat] = x (stochastic rounding)
+
+Forward saves x (flattened to [rows, cols]) quantized to `bits` (2..8) per element and packed at exactly that
+width, plus a float32 (lo, scale) pair per group of `group_size` consecutive columns of a row: each group's
+codes span [min, max] of the group in 2**bits - 1 steps. With rounding='stochastic' a code rounds up with
+probability equal to the fractional part, so x_hat is unbiased and grad_W is an unbiased estimate;
+rounding='nearest' has half the variance's worth of error but is biased. Saved bytes:
+ceil(rows * cols * bits / 8) + 8 * rows * ceil(cols / group_size).
+
+Noise. Stochastic rounding draws its uniforms from a torch.Generator seeded with a seed drawn (like
+RandomizedLinear's, see linear.draw_seed) from torch's RNG on every call, with or without grad, so runs are
+reproducible under torch.manual_seed and activation checkpointing replays the same RNG stream.
+
+Sharing. Several layers often read one tensor (the Q, K and V projections of attention). The quantized copy
+of an input is kept in a weak per-tensor cache for the forward pass, so those layers save one packed copy
+between them instead of one each; an in-place change of the tensor (its version counter) or a different
+bits/group_size/rounding makes a new one. The entry goes away with the tensor or at the first backward
+that reads it, so a tensor fed again in a later step is quantized afresh.
+
+Quantization math runs in float32 for every input dtype (fp64 inputs too); non-finite inputs give
+non-finite group ranges and a meaningless grad_W, as they would for nn.Linear.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from ..ops.native import quantize_pack, row_chunk, unpack_dequantize
+from .linear import draw_seed
+
+__all__ = ["low_bit_linear", "quantize_input", "dequantize_input", "QuantizedInput", "group_ranges",
+           "check_lowbit_args", "ROUNDINGS", "DEFAULT_GROUP_SIZE"]
+
+ROUNDINGS = ("stochastic", "nearest")
+DEFAULT_GROUP_SIZE = 128
+
+
+def check_lowbit_args(bits, group_size, rounding, names=("bits", "group_size", "rounding")) -> None:
+    """Validate LowBitLinear's settings with errors that name the argument (`names`: how the caller calls them)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"{names[0]} must be an int in 2..8 (bits per saved input element), got {bits!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"{names[1]} must be a positive int (columns per scale), got {group_size!r}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"{names[2]} must be one of {ROUNDINGS}, got {rounding!r}")
+
+
+def group_ranges(x2: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, scale), float32 [rows, ceil(cols / group_size)]: each group's minimum and the step that spans its
+    range in 2**bits - 1 steps, rounded up by one ulp so the maximum stays inside; 1 for a constant group
+    (all codes 0 decode to lo exactly)."""
+    rows, cols = x2.shape
+    full = cols // group_size * group_size
+    parts = []
+    if full:
+        parts.append(torch.aminmax(x2[:, :full].view(rows, full // group_size, group_size), dim=-1))
+    if full < cols:
+        lo_t, hi_t = torch.aminmax(x2[:, full:], dim=-1)
+        parts.append((lo_t[:, None], hi_t[:, None]))
+    lo = torch.cat([p[0] for p in parts], 1).float() if parts else x2.new_empty(rows, 0, dtype=torch.float32)
+    hi = torch.cat([p[1] for p in parts], 1).float() if parts else lo
+    scale = torch.nextafter((hi - lo) / ((1 << bits) - 1), torch.tensor(math.inf, device=lo.device))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return lo, scale
+
+
+@dataclass
+class QuantizedInput:
+    """A [rows, cols] input quantized for backward: packed codes plus float32 per-group lo and scale."""
+
+    packed: torch.Tensor
+    lo: torch.Tensor
+    scale: torch.Tensor
+    bits: int
+    group_size: int
+    cols: int
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.lo, self.scale))
+
+
+def quantize_input(x2: torch.Tensor, bits: int, group_size: int, rounding: str = "stochastic",
+                   seed: Optional[int] = None) -> QuantizedInput:
+    """Quantize a 2-D input (see the module docstring). `seed` is required for stochastic rounding."""
+    check_lowbit_args(bits, group_size, rounding)
+    if x2.dim() != 2:
+        raise ValueError(f"x2 must be 2-D [rows, cols], got shape {tuple(x2.shape)}")
+    rows, cols = x2.shape
+    x2 = x2.detach()
+    lo, scale = group_ranges(x2, bits, group_size)
+    if rounding == "nearest":
+        packed = quantize_pack(x2, lo, scale, None, bits, group_size)
+    else:
+        if seed is None:
+            raise ValueError("stochastic rounding needs a seed")
+        gen = torch.Generator(device=x2.device)
+        gen.manual_seed(seed)
+        # Row chunks keep the float32 uniforms O(chunk); each chunk starts on a byte of the packed stream.
+        step = row_chunk(cols)
+        chunks = []
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            noise = torch.rand(r1 - r0, cols, generator=gen, device=x2.device, dtype=torch.float32)
+            chunks.append(quantize_pack(x2[r0:r1], lo[r0:r1], scale[r0:r1], noise, bits, group_size))
+        packed = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+    return QuantizedInput(packed, lo, scale, bits, group_size, cols)
+
+
+def dequantize_input(q: QuantizedInput, dtype: torch.dtype) -> torch.Tensor:
+    """x_hat = lo + code * scale as a [rows, cols] tensor of `dtype`."""
+    return unpack_dequantize(q.packed, q.lo, q.scale, q.bits, q.cols, q.group_size, dtype)
+
+
+# One quantized copy per input tensor during a forward pass (see "Sharing" above).
+_shared: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def _shared_quantize(x: torch.Tensor, x2: torch.Tensor, bits, group_size, rounding, seed) -> QuantizedInput:
+    key = (x._version, tuple(x.shape), bits, group_size, rounding)
+    hit = _shared.get(x)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    q = quantize_input(x2, bits, group_size, rounding, seed)
+    _shared[x] = (key, q)
+    return q
+
+
+class _LowBitLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, bits, group_size, rounding, seed):
+        y = F.linear(x, weight, bias)
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        ctx.quantized = None
+        if not ctx.needs_input_grad[1]:  # no weight gradient: keep only what grad_x needs
+            ctx.save_for_backward(weight)
+            return y
+        x2 = x.reshape(-1, x.shape[-1])
+        q = _shared_quantize(x, x2, bits, group_size, rounding, seed)
+        ctx.meta = (q.bits, q.group_size, q.cols)
+        ctx.source = weakref.ref(x)  # to drop the shared entry in backward; weak: x must not outlive its use
+        ctx.save_for_backward(weight, q.packed, q.lo, q.scale)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        weight, *rest = ctx.saved_tensors
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g2 @ weight.to(g2.dtype)).view(ctx.x_shape)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0)
+        if ctx.needs_input_grad[1]:
+            source = ctx.source()
+            if source is not None:
+                _shared.pop(source, None)
+            packed, lo, scale = rest
+            bits, group_size, cols = ctx.meta
+            x_hat = unpack_dequantize(packed, lo, scale, bits, cols, group_size, g2.dtype)
+            grad_w = g2.t() @ x_hat
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def low_bit_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, bits: int = 4,
+                   group_size: int = DEFAULT_GROUP_SIZE, rounding: str = "stochastic",
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """F.linear that saves its input at `bits` per element (see the module docstring).
+
+    Under torch.autocast the operands are cast to the autocast dtype first, as autocast does for F.linear.
+    """
+    check_lowbit_args(bits, group_size, rounding)
+    # Always draw (with or without grad, whatever the rounding), so the RNG stream after this layer does not
+    # depend on the grad mode or the settings: reentrant checkpointing replays it.
+    seed = draw_seed(generator)
+    if not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                         or (bias is not None and bias.requires_grad))):
+        return F.linear(input, weight, bias)
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return _LowBitLinearFn.apply(input, weight, bias, bits, group_size, rounding, seed)
+    return _LowBitLinearFn.apply(input, weight, bias, bits, group_size, rounding, seed)
