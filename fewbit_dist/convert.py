@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import ConfigLike, FewBitConfig
 from .integrations.sharding import check_not_sharded
-from .integrations.transformers import transformers_activation_spec
+from .integrations.transformers import transformers_activation_spec, use_fewbit_attention
 from .nn.activations import PIECEWISE_MODULES, SMOOTH_MODULES, FewBitActivation, FewBitModule
 from .nn.dropout import Dropout
 from .nn.linear import LowBitLinear, RandomizedLinear
@@ -37,6 +37,8 @@ class ConversionReport:
 
     config: FewBitConfig
     swapped: list[tuple[str, str, str]] = field(default_factory=list)
+    attention_modules: int = 0  # Hugging Face modules marked for 1-bit attention dropout (compress_dropout)
+    attention: str = ""  # what happened to the attention implementation, when attention_modules
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(before for _, before, _ in self.swapped))
@@ -46,6 +48,8 @@ class ConversionReport:
             return "fewbit_dist.convert: nothing to convert"
         lines = [f"fewbit_dist.convert: {len(self.swapped)} module(s) swapped"]
         lines += [f"  {n} x {cls}" for cls, n in sorted(self.counts().items())]
+        if self.attention:
+            lines.append(f"  attention ({self.attention_modules} modules): {self.attention}")
         return "\n".join(lines)
 
 
@@ -117,6 +121,10 @@ def convert(model: nn.Module, config: ConfigLike = None, **overrides) -> nn.Modu
         if cfg.exclude and _matches(path, cfg.exclude):
             return module
         layer = settings(path)
+        if layer.compress_dropout and "Attention" in type(module).__name__ and hasattr(module, "config"):
+            # a Hugging Face attention module reads only its dropout's p; the attention function drops
+            module.__dict__["fewbit_compress_dropout"] = True
+            report.attention_modules += 1
         new = module
         if layer.activation_bits is not None:
             new = convert_activation(module, layer.activation_bits, layer.convert_transformers)
@@ -132,6 +140,11 @@ def convert(model: nn.Module, config: ConfigLike = None, **overrides) -> nn.Modu
         return new
 
     out = map_module(model, swap)
+    if report.attention_modules:
+        previous = use_fewbit_attention(out)
+        report.attention = (f"{previous} -> fewbit 1-bit dropout masks off CUDA" if previous else
+                            f"left as {getattr(getattr(out, 'config', None), '_attn_implementation', None)!r}: "
+                            "attention-probability dropout keeps torch's masks")
     out.__dict__["_fewbit_report"] = report
     log.info("%s", report)
     return out

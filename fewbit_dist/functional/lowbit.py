@@ -71,8 +71,8 @@ def group_ranges(x2: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Te
         parts.append((lo_t[:, None], hi_t[:, None]))
     lo = torch.cat([p[0] for p in parts], 1).float() if parts else x2.new_empty(rows, 0, dtype=torch.float32)
     hi = torch.cat([p[1] for p in parts], 1).float() if parts else lo
-    scale = torch.nextafter((hi - lo) / ((1 << bits) - 1), torch.tensor(math.inf, device=lo.device))
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    step = torch.nextafter((hi - lo) / ((1 << bits) - 1), torch.tensor(math.inf, device=lo.device))
+    scale = torch.where(hi > lo, step, torch.ones_like(step))
     return lo, scale
 
 
@@ -110,7 +110,7 @@ def quantize_input(x2: torch.Tensor, bits: int, group_size: int, rounding: str =
         # Row chunks keep the float32 uniforms O(chunk); each chunk starts on a byte of the packed stream.
         step = row_chunk(cols)
         chunks = []
-        for r0 in range(0, rows, step):
+        for r0 in range(0, max(rows, 1), step):  # one (possibly empty) chunk at least
             r1 = min(rows, r0 + step)
             noise = torch.rand(r1 - r0, cols, generator=gen, device=x2.device, dtype=torch.float32)
             chunks.append(quantize_pack(x2[r0:r1], lo[r0:r1], scale[r0:r1], noise, bits, group_size))

@@ -26,7 +26,8 @@ from torch import nn
 
 from ..functional.activations import ActivationSpec, custom_spec, smooth_spec
 
-__all__ = ["is_transformers_activation", "transformers_activation_spec", "SUPPORTED"]
+__all__ = ["is_transformers_activation", "transformers_activation_spec", "SUPPORTED", "FEWBIT_ATTENTION",
+           "use_fewbit_attention"]
 
 _MODULE = "transformers.activations"
 
@@ -82,3 +83,52 @@ def transformers_activation_spec(module: nn.Module, bits: int) -> Optional[Activ
         base = _custom_cache.setdefault(key, custom_spec(cls, fn, bits))
     return ActivationSpec(name=cls, bits=bits, forward=module.forward, encode=base.encode,
                           levels=base.levels, table=base.table)
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+FEWBIT_ATTENTION = "fewbit_sdpa"
+"""The attention implementation `convert(..., compress_dropout=True)` gives a Hugging Face model that uses
+"sdpa": transformers' own sdpa_attention_forward (its masks, GQA and causal handling), except that a call
+with dropout on a non-CUDA device from a module marked `fewbit_compress_dropout` runs
+fewbit_dist.functional.attention.scaled_dot_product_attention (q, k, v and a 1-bit mask saved)."""
+
+
+class _RouteSDPA(torch.overrides.TorchFunctionMode):
+    """Within one attention call: torch's scaled_dot_product_attention -> sdpa_or_fewbit."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            from ..functional.attention import sdpa_or_fewbit
+
+            return sdpa_or_fewbit(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _fewbit_sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if dropout > 0.0 and getattr(module, "fewbit_compress_dropout", False) and query.device.type != "cuda":
+        with _RouteSDPA():
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
+
+
+def use_fewbit_attention(model: nn.Module) -> Optional[str]:
+    """Switch a Hugging Face model that uses "sdpa" attention to FEWBIT_ATTENTION. Returns the previous
+    implementation when switched, else None (not a transformers model, another implementation such as eager
+    or flash attention, or a model that cannot switch at run time)."""
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl == FEWBIT_ATTENTION:
+        return impl
+    if impl != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return None
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(FEWBIT_ATTENTION, _fewbit_sdpa_attention_forward)
+    AttentionMaskInterface.register(FEWBIT_ATTENTION, sdpa_mask)  # the masks sdpa gets, unchanged
+    model.set_attn_implementation(FEWBIT_ATTENTION)
+    return impl if config._attn_implementation == FEWBIT_ATTENTION else None

@@ -1,0 +1,291 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import fewbit_dist
+from fewbit_dist import LowBitLinear
+from fewbit_dist.functional.lowbit import (dequantize_input, group_ranges, low_bit_linear, quantize_input)
+from fewbit_dist.memory import SavedTensorMeter
+from fewbit_dist.ops import native
+
+from conftest import TOL
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def pair(n_in, n_out, dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    lin = LowBitLinear(n_in, n_out, dtype=dtype, **kw)
+    ref = nn.Linear(n_in, n_out, dtype=dtype)
+    ref.load_state_dict(lin.state_dict())
+    return lin, ref
+
+
+def saved_nbytes(rows, cols, bits, group_size):
+    return math.ceil(rows * cols * bits / 8) + 8 * rows * math.ceil(cols / group_size)
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+@pytest.mark.parametrize("shape", [(37, 24), (3, 11, 24), (2, 3, 5, 24)], ids=["2d", "3d", "4d"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64", "bf16", "fp16"])
+def test_exact_parts_are_exact(rounding, shape, dtype):
+    lin, ref = pair(24, 10, dtype, bits=3, group_size=7, rounding=rounding)
+    x = torch.randn(shape, dtype=dtype)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y, y_ref = lin(a), ref(b)
+    assert torch.equal(y, y_ref)  # the forward is F.linear itself
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
+    torch.testing.assert_close(lin.bias.grad, ref.bias.grad, rtol=rtol, atol=atol * 10)
+    assert lin.weight.grad.dtype == dtype and lin.weight.grad.shape == ref.weight.grad.shape
+    # grad W = g^T x_hat with x_hat within one step of x in every group
+    rel = (lin.weight.grad.double() - ref.weight.grad.double()).norm() / ref.weight.grad.double().norm()
+    assert rel < 0.5
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_issue_bound_and_exact_saved_bytes(bits):
+    """4096 x 1024 fp32 input: bits/8 of the input bytes for the codes plus 8 bytes per group of 128."""
+    lin, _ = pair(1024, 64, bits=bits)
+    x = torch.randn(4096, 1024, requires_grad=True)
+    with SavedTensorMeter(lin) as meter:
+        lin(x)
+    assert meter.nbytes == saved_nbytes(4096, 1024, bits, 128)
+    if bits == 4:
+        assert meter.nbytes <= x.numel() * 4 / 8 + 4096 * 8 * 8  # the issue's bound: 1/8 plus the scales
+
+
+@pytest.mark.parametrize("rows,cols,group_size", [(1, 1, 128), (13, 5, 2), (9, 130, 64), (3, 7, 7), (0, 4, 2)])
+def test_awkward_shapes_saved_bytes(rows, cols, group_size):
+    lin, ref = pair(cols, 3, bits=5, group_size=group_size)
+    x = torch.randn(rows, cols, requires_grad=True)
+    with SavedTensorMeter(lin) as meter:
+        y = lin(x)
+    assert meter.nbytes == saved_nbytes(rows, cols, 5, group_size)
+    y.sum().backward()
+    assert lin.weight.grad.shape == (3, cols) and torch.isfinite(lin.weight.grad).all()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_dequantized_input_within_one_step(bits):
+    torch.manual_seed(0)
+    x = torch.randn(40, 77) * torch.linspace(0.01, 10, 77)  # very different ranges per group
+    for rounding in ("stochastic", "nearest"):
+        q = quantize_input(x, bits, 16, rounding, seed=5)
+        x_hat = dequantize_input(q, torch.float32)
+        step = q.scale.repeat_interleave(16, 1)[:, :77]
+        limit = step if rounding == "stochastic" else step / 2
+        assert ((x_hat - x).abs() <= limit * (1 + 1e-5)).all()
+        lo = q.lo.repeat_interleave(16, 1)[:, :77]
+        assert (x_hat >= lo).all() and (x_hat <= lo + step * (2**bits - 1) * (1 + 1e-6)).all()
+
+
+def test_constant_groups_are_exact():
+    x = torch.full((5, 20), 1.25)
+    x[:, 10:] = -3.0
+    q = quantize_input(x, 2, 10, "stochastic", seed=1)
+    assert torch.equal(dequantize_input(q, torch.float32), x)
+    assert torch.equal(q.scale, torch.ones(5, 2))
+
+
+def test_group_ranges_cover_the_group():
+    torch.manual_seed(2)
+    x = torch.randn(6, 50, dtype=torch.bfloat16)
+    lo, scale = group_ranges(x, 3, 16)
+    assert lo.shape == scale.shape == (6, 4) and lo.dtype == scale.dtype == torch.float32
+    xs = torch.nn.functional.pad(x.float(), (0, 14), value=float("nan")).view(6, 4, 16)
+    assert torch.equal(lo, torch.from_numpy(__import__("numpy").nanmin(xs.numpy(), -1)))
+    assert (lo + scale * 7 >= torch.from_numpy(__import__("numpy").nanmax(xs.numpy(), -1))).all()
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_stochastic_rounding_is_unbiased(bits):
+    """The mean of N quantizations converges to x at the 1/sqrt(N) rate (no bias floor), and grad W too."""
+    torch.manual_seed(3)
+    x = torch.randn(24, 40, dtype=torch.float64)
+    n = 2000
+    est = torch.stack([dequantize_input(quantize_input(x, bits, 8, "stochastic", seed=s), torch.float64)
+                       for s in range(n)])
+    per_sample = ((est - x) ** 2).sum((1, 2)).mean()
+    for m in (n // 16, n):
+        err = ((est[:m].mean(0) - x) ** 2).sum()
+        assert err < 2.0 * per_sample / m, (m, err.item(), (per_sample / m).item())
+    # nearest rounding is biased: its error does not shrink with N (the same codes every time)
+    near = dequantize_input(quantize_input(x, bits, 8, "nearest"), torch.float64)
+    assert ((near - x) ** 2).sum() > 20 * per_sample / n
+
+
+def test_weight_gradient_is_unbiased():
+    torch.manual_seed(1)
+    x = torch.randn(48, 10, dtype=torch.float64) * torch.linspace(0.2, 3, 48, dtype=torch.float64)[:, None]
+    g = torch.randn(48, 9, dtype=torch.float64) + x[:, :1]
+    w = torch.randn(9, 10, dtype=torch.float64, requires_grad=True)
+    exact = g.t() @ x
+    gen = torch.Generator().manual_seed(7)
+    n = 1500
+    est = torch.empty(n, 9, 10, dtype=torch.float64)
+    for i in range(n):
+        w.grad = None
+        low_bit_linear(x.requires_grad_(False), w, None, bits=2, group_size=4, generator=gen).backward(g)
+        est[i] = w.grad
+    per_sample = ((est - exact) ** 2).sum((1, 2)).mean()
+    for m in (n // 16, n):
+        assert ((est[:m].mean(0) - exact) ** 2).sum() < 2.0 * per_sample / m
+    assert ((1.05 * est.mean(0) - exact) ** 2).sum() > 2.0 * per_sample / n
+
+
+def test_more_bits_less_error():
+    torch.manual_seed(0)
+    x = torch.randn(256, 96)
+    errs = [(dequantize_input(quantize_input(x, b, 32, "stochastic", seed=0), torch.float32) - x).norm()
+            for b in (2, 3, 4, 8)]
+    assert errs == sorted(errs, reverse=True) and errs[-1] < errs[0] / 30
+
+
+def test_layers_reading_one_tensor_share_one_quantized_copy():
+    torch.manual_seed(0)
+    q, k, v = (LowBitLinear(64, 64, bits=4) for _ in range(3))
+    x = torch.randn(10, 64, requires_grad=True)
+    with SavedTensorMeter([q, k, v]) as meter:
+        out = q(x) + k(x) + v(x)
+    assert meter.nbytes == saved_nbytes(10, 64, 4, 128)  # once, not three times
+    out.sum().backward()
+    refs = [nn.Linear(64, 64) for _ in range(3)]
+    for lin, ref in zip((q, k, v), refs):
+        ref.load_state_dict(lin.state_dict())
+    # every layer's grad W is g^T x_hat of the same x_hat; g = ones, so the three are equal
+    assert torch.equal(q.weight.grad, k.weight.grad) and torch.equal(k.weight.grad, v.weight.grad)
+    # an in-place change makes a new copy; so do other settings
+    with SavedTensorMeter([q, k, v]) as meter:
+        x2 = torch.randn(10, 64, requires_grad=True) * 1.0
+        a = q(x2)
+        with torch.no_grad():
+            x2.mul_(2)
+        b = k(x2)
+    assert meter.nbytes == 2 * saved_nbytes(10, 64, 4, 128) + 0 * (a.sum() + b.sum()).item()
+
+
+def test_fresh_rounding_every_step_reproducible_by_seed():
+    lin, _ = pair(16, 4, bits=2, group_size=4)
+    x = torch.randn(64, 16)
+
+    def grad(seed=None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        lin.weight.grad = None
+        lin(x).sum().backward()
+        return lin.weight.grad.clone()
+
+    a, b = grad(5), grad()
+    assert not torch.equal(a, b)  # the same input tensor in the next step is quantized afresh
+    assert torch.equal(grad(5), a)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_activation_checkpointing(use_reentrant):
+    torch.manual_seed(0)
+    block = nn.Sequential(LowBitLinear(16, 32, bits=3), fewbit_dist.GELU(), LowBitLinear(32, 8, bits=3),
+                          fewbit_dist.Dropout(0.1))
+    x = torch.randn(4, 20, 16, requires_grad=True)
+
+    def grads(ckpt):
+        block.zero_grad()
+        x.grad = None
+        torch.manual_seed(11)
+        y = checkpoint(block, x, use_reentrant=use_reentrant) if ckpt else block(x)
+        y.pow(2).sum().backward()
+        return [p.grad.clone() for p in block.parameters()] + [x.grad.clone()]
+
+    for a, b in zip(grads(False), grads(True)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_weight_saves_nothing_but_the_weight():
+    lin, _ = pair(16, 4, bits=4)
+    lin.weight.requires_grad_(False)
+    x = torch.randn(30, 16, requires_grad=True)
+    with SavedTensorMeter(lin) as meter:
+        lin(x).sum().backward()
+    assert meter.nbytes == 0 and x.grad is not None and lin.bias.grad is not None
+
+
+def test_autocast_bf16_on_cpu():
+    lin, ref = pair(32, 16, bits=4)
+    x = torch.randn(50, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = lin(x), ref(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    y.float().sum().backward()
+    assert lin.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+def test_state_dict_is_nn_linears_both_ways():
+    lin, ref = pair(8, 3, bits=4)
+    assert list(lin.state_dict()) == list(ref.state_dict()) == ["weight", "bias"]
+    LowBitLinear(8, 3, bits=2).load_state_dict(ref.state_dict(), strict=True)
+    ref.load_state_dict(lin.state_dict(), strict=True)
+    assert "bits=4, group_size=128, rounding='stochastic'" in repr(lin)
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    ({"bits": 1}, ValueError, r"bits must be an int in 2..8"),
+    ({"bits": 9}, ValueError, r"bits must be an int in 2..8"),
+    ({"bits": 4.0}, ValueError, r"bits must be an int in 2..8"),
+    ({"group_size": 0}, ValueError, "group_size must be a positive int"),
+    ({"group_size": True}, ValueError, "group_size must be a positive int"),
+    ({"rounding": "floor"}, ValueError, r"rounding must be one of \('stochastic', 'nearest'\)"),
+    ({"generator": 1}, TypeError, "generator must be a torch.Generator"),
+])
+def test_bad_arguments(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        LowBitLinear(4, 4, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64", "bf16", "fp16"])
+@pytest.mark.parametrize("bits", [2, 3, 5, 8])
+def test_native_equals_reference(dtype, bits):
+    if not native.native_available("cpu"):
+        pytest.skip("native CPU kernels unavailable")
+    mod = native.native_module("cpu")
+    torch.manual_seed(bits)
+    for rows, cols, gs in [(37, 100, 32), (5, 3, 128), (64, 131, 7), (1, 1, 1), (0, 5, 2)]:
+        x = (torch.randn(rows, cols, dtype=torch.float64) * 3).to(dtype)
+        if x.numel():
+            x.view(-1)[0] = float("nan")
+        groups = -(-cols // gs)
+        lo, scale = torch.randn(rows, groups) - 2, torch.rand(rows, groups) + 0.01
+        for noise in (torch.rand(rows, cols), None):
+            a = mod.quantize_pack(x, lo, scale, noise, bits, gs)
+            assert torch.equal(a, native.reference_quantize_pack(x, lo, scale, noise, bits, gs))
+        assert torch.equal(mod.unpack_dequantize(a, lo, scale, bits, cols, gs, dtype),
+                           native.reference_unpack_dequantize(a, lo, scale, bits, cols, gs, dtype))
+
+
+def test_ops_opcheck_and_meta():
+    x = torch.randn(9, 20)
+    lo, scale = group_ranges(x, 4, 8)
+    noise = torch.rand(9, 20)
+    torch.library.opcheck(torch.ops.fewbit.quantize_pack.default, (x, lo, scale, noise, 4, 8))
+    packed = torch.ops.fewbit.quantize_pack(x, lo, scale, None, 4, 8)
+    torch.library.opcheck(torch.ops.fewbit.unpack_dequantize.default, (packed, lo, scale, 4, 20, 8, torch.bfloat16))
+    meta = torch.ops.fewbit.quantize_pack(x.to("meta"), lo.to("meta"), scale.to("meta"), None, 3, 8)
+    assert meta.shape == (math.ceil(180 * 3 / 8),) and meta.dtype == torch.uint8
+
+
+def test_reference_fallback_gives_the_same_gradients(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(33, 50)
+    w = torch.randn(7, 50, requires_grad=True)
+    grads = []
+    for mode in ("", "0"):
+        monkeypatch.setenv("FEWBIT_NATIVE", mode)
+        w.grad = None
+        low_bit_linear(x, w, None, bits=3, group_size=16, generator=torch.Generator().manual_seed(1)).sum().backward()
+        grads.append(w.grad.clone())
+    assert torch.equal(*grads)
