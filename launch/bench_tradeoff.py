@@ -64,6 +64,8 @@ def variants(quick: bool = False) -> list[tuple[str, dict | None]]:
     for bits in ((4,) if quick else LINEAR_BITS):
         out.append((f"act3+int{bits}", {**BASE, "linear_bits": bits}))
     if not quick:
+        for act in (4, 5, 6, 8):  # the activation-bit axis, with the most faithful linear inputs
+            out.append((f"act{act}+int8", {**BASE, "activation_bits": act, "linear_bits": 8}))
         out.append(("act3+int8attn+int4ffn", {**BASE, "linear_bits": 4,
                                                "overrides": [{"pattern": "*.attention", "linear_bits": 8}]}))
         out.append(("act3+int4attn+int3ffn", {**BASE, "linear_bits": 3,
@@ -138,8 +140,8 @@ def plot(rows: list[dict], front: set[str], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    kinds = {"sketch": ("o", "tab:orange"), "low-bit": ("s", "tab:blue"), "mixed": ("D", "tab:green"),
-             "other": ("^", "tab:gray")}
+    kinds = {"sketch": ("o", "tab:orange"), "low-bit": ("s", "tab:blue"), "activation bits": ("v", "tab:purple"),
+             "mixed": ("D", "tab:green"), "other": ("^", "tab:gray")}
     for r in rows:
         marker, color = kinds[r["kind"]]
         for key, filled in (("saved_bytes", False), ("saved_bytes_dropout1", True)):
@@ -166,6 +168,8 @@ def plot(rows: list[dict], front: set[str], path: Path, title: str) -> None:
 def kind_of(name: str) -> str:
     if name.startswith("preset:") or "attn" in name:
         return "mixed"
+    if "+int" in name and not name.startswith("act3"):
+        return "activation bits"
     if "+int" in name:
         return "low-bit"
     if any(s in name for s in SKETCHES):

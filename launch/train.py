@@ -92,6 +92,21 @@ def load_run_config(path) -> dict:
     return cfg
 
 
+def fewbit_override(value: str) -> "fewbit_dist.FewBitConfig":
+    """--fewbit: an inline JSON object or a JSON file (a preset's "fewbit" section is used when present)."""
+    try:
+        if value.lstrip().startswith("{"):
+            try:
+                return fewbit_dist.FewBitConfig.load(json.loads(value))
+            except json.JSONDecodeError as exc:
+                raise SystemExit(f"--fewbit: not valid JSON: {exc}") from None
+        if not Path(value).is_file():
+            raise SystemExit(f"--fewbit: no such file: {value}")
+        return fewbit_dist.FewBitConfig.load(value)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"--fewbit {value}: {exc}") from None
+
+
 def load_ds_config(path, micro_batch: int, world_size: int) -> dict:
     ds = read_json(path, "--deepspeed_config")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
@@ -263,6 +278,9 @@ def parse_args(argv=None):
     ap.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
                     help="DeepSpeed JSON config: train with DeepSpeed (ZeRO stage from the file)")
     ap.add_argument("--fsdp", action="store_true", help="train with FSDP2 (fully_shard per transformer block)")
+    ap.add_argument("--fewbit", default=None, metavar="PATH|JSON",
+                    help="replace the run config's fewbit section: a fewbit JSON file (e.g. configs/presets/"
+                         "max-saving.json) or an inline JSON object ('{\"activation_bits\": null}': vanilla)")
     ap.add_argument("--checkpointing", choices=CHECKPOINTING, default=None,
                     help="activation checkpointing (default: training.checkpointing of the config)")
     ap.add_argument("--max-steps", type=int, default=None, help="steps to run (default: training.steps)")
@@ -286,6 +304,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_run_config(args.fewbit_config or DEFAULT_CONFIG)
+    if args.fewbit is not None:
+        cfg["fewbit"] = fewbit_override(args.fewbit)
     tcfg = cfg["training"]
     for key, value in (("checkpointing", args.checkpointing), ("batch_size", args.batch_size), ("seed", args.seed)):
         if value is not None:

@@ -43,6 +43,20 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
     ("proj_dim", -3, ValueError, "proj_dim must be a positive int"),
     ("proj_dim_min", 4, ValueError, "proj_dim_min/proj_dim_max need proj_dim_ratio or proj_dim"),
     ("sketch", "dct", ValueError, "sketch must be one of"),
+    ("linear_bits", 1, ValueError, r"linear_bits must be an int in 2..8"),
+    ("linear_bits", 9, ValueError, r"linear_bits must be an int in 2..8"),
+    ("linear_group_size", 0, ValueError, "linear_group_size must be a positive int"),
+    ("linear_rounding", "up", ValueError, "linear_rounding must be one of"),
+    ("compress_dropout", "yes", TypeError, "compress_dropout must be a bool"),
+    ("overrides", {"pattern": "a", "linear_bits": 4}, TypeError, "overrides must be a list"),
+    ("overrides", ["a"], TypeError, r"overrides\[0\] must be an object"),
+    ("overrides", [{"linear_bits": 4}], ValueError, r"overrides\[0\] needs a 'pattern'"),
+    ("overrides", [{"pattern": "a"}], ValueError, r"overrides\[0\] sets no field"),
+    ("overrides", [{"pattern": "a", "bits": 4}], ValueError, r"overrides\[0\]: unknown field\(s\) \['bits'\]; an "
+                                                             r"override may set: activation_bits, linear_bits"),
+    ("overrides", [{"pattern": "a", "linear_bits": 12}], ValueError, r"overrides\[0\] .*linear_bits must be an int"),
+    ("overrides", [{"pattern": "a", "linear_bits": 4, "proj_dim": 3}], ValueError, "either low-bit or sketched"),
+    ("overrides", [{"pattern": "", "linear_bits": 4}], TypeError, r"overrides\[0\].pattern must be a glob"),
 ])
 def test_bad_values(field, value, exc, msg):
     with pytest.raises(exc, match=msg):
@@ -62,3 +76,44 @@ def test_bad_sources():
         FewBitConfig.load(3)
     with pytest.raises(TypeError, match="must be a mapping"):
         FewBitConfig.from_dict([("activation_bits", 3)])
+
+
+def test_low_bit_and_sketch_on_one_layer_is_an_error():
+    with pytest.raises(ValueError, match="a linear layer is either low-bit or sketched; choose per layer with"):
+        FewBitConfig(linear_bits=4, proj_dim_ratio=0.2)
+    cfg = FewBitConfig(linear_bits=4)
+    assert cfg.low_bit_linear and not cfg.randomized_linear
+    assert cfg.lowbit_kwargs() == {"bits": 4, "group_size": 128, "rounding": "stochastic"}
+
+
+def test_overrides_resolve_per_layer_and_round_trip(tmp_path):
+    cfg = FewBitConfig(linear_bits=4, compress_dropout=True, overrides=[
+        {"pattern": "*.attention.self", "proj_dim_ratio": 0.2},
+        {"pattern": ["classifier", "pooler"], "linear_bits": None, "activation_bits": None},
+        {"pattern": "*.output", "linear_bits": 8},
+    ])
+    attn = cfg.layer_config([cfg.overrides[0]])
+    assert attn.randomized_linear and not attn.low_bit_linear and attn.compress_dropout and attn.overrides == ()
+    head = cfg.layer_config([cfg.overrides[1]])
+    assert not head.low_bit_linear and not head.randomized_linear and head.activation_bits is None
+    # a later override that picks the same method with another value for a field is a conflict
+    two = FewBitConfig(overrides=[{"pattern": "a", "linear_bits": 4}, {"pattern": "b", "linear_bits": 8}])
+    with pytest.raises(ValueError, match=r"conflicting overrides: .*linear_bits=4 and .* sets linear_bits=8"):
+        two.layer_config(list(two.overrides))
+    with pytest.raises(ValueError, match="makes linear layers low-bit and .* makes them sketched"):
+        cfg.layer_config([cfg.overrides[2], cfg.overrides[0]])
+    assert cfg.layer_config([cfg.overrides[1], cfg.overrides[1]]) == head  # agreeing twice is fine
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"description": "a preset", "fewbit": cfg.to_dict()}))
+    assert FewBitConfig.load(path) == cfg
+
+
+def test_shipped_presets_load():
+    from pathlib import Path
+
+    presets = sorted((Path(__file__).resolve().parents[1] / "configs" / "presets").glob("*.json"))
+    assert {p.stem for p in presets} >= {"safe", "max-saving"}
+    for path in presets:
+        data = json.loads(path.read_text())
+        assert data["description"].startswith(path.stem + ":")
+        FewBitConfig.load(path)

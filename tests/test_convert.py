@@ -224,3 +224,77 @@ def test_convert_linear_shares_parameters():
     assert convert_linear(mha_out, Recorder) is mha_out
     model = map_module(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), lambda m, p: convert_linear(m, Recorder))
     assert isinstance(model[0], Recorder)
+
+
+POLICY = {"activation_bits": 3, "linear_bits": 4, "compress_dropout": True, "overrides": [
+    {"pattern": "*.attention.self", "proj_dim_ratio": 0.5},
+    {"pattern": "classifier", "linear_bits": None, "activation_bits": None},
+]}
+
+
+def test_per_pattern_policy_on_a_hugging_face_model():
+    model, _ = tiny("roberta")
+    keys = list(model.state_dict())
+    convert(model, POLICY)
+    layer = model.roberta.encoder.layer[0]
+    assert all(isinstance(getattr(layer.attention.self, n), fewbit_dist.RandomizedLinear)
+               for n in ("query", "key", "value"))
+    assert isinstance(layer.attention.output.dense, fewbit_dist.LowBitLinear)
+    assert isinstance(layer.intermediate.dense, fewbit_dist.LowBitLinear) and layer.intermediate.dense.bits == 4
+    assert type(model.classifier.dense) is nn.Linear and type(model.classifier.out_proj) is nn.Linear
+    assert isinstance(layer.output.dropout, fewbit_dist.Dropout)
+    assert isinstance(model.classifier.dropout, fewbit_dist.Dropout)  # compress_dropout is not overridden there
+    assert list(model.state_dict()) == keys
+    report = conversion_report(model)
+    assert report.counts() == {"GELUActivation": 2, "Linear": 12, "Dropout": 8}
+    assert "attention (2 modules): sdpa -> fewbit" in str(report)
+
+
+def test_conflicting_overrides_name_the_module():
+    model, _ = tiny("roberta")
+    with pytest.raises(ValueError, match=r"module 'roberta.encoder.layer.0.attention.self.query': conflicting "
+                                         r"overrides: .* makes linear layers low-bit and .* makes them sketched"):
+        convert(model, overrides=[{"pattern": "*.layer.0", "linear_bits": 4},
+                                  {"pattern": "*.attention.self", "proj_dim": 8}])
+    with pytest.raises(ValueError, match=r"overrides\[0\] pattern 'clasifier' matches no module path"):
+        convert(tiny("roberta")[0], overrides=[{"pattern": "clasifier", "linear_bits": 8}])
+
+
+def test_compress_dropout_same_model_less_memory():
+    """1-bit dropout everywhere (the nn.Dropout modules and the attention probabilities): the same loss and
+    gradients as the unconverted model under the same RNG state, and less saved."""
+    torch.manual_seed(0)
+    cfg = transformers.RobertaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64)
+    ref = transformers.RobertaForSequenceClassification(cfg)
+    model = convert(copy.deepcopy(ref), activation_bits=None, compress_dropout=True)
+    assert model.config._attn_implementation == "fewbit_sdpa" and ref.config._attn_implementation == "sdpa"
+    ids = torch.randint(3, 96, (3, 20))
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[0, 12:] = 0
+    labels = torch.tensor([0, 1, 1])
+    model.eval(), ref.eval()
+    assert torch.equal(model(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits)
+    model.train(), ref.train()
+    results = []
+    for m in (model, ref):
+        torch.manual_seed(5)
+        with SavedTensorMeter(m) as meter:
+            loss = m(ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), flat_grad(m), meter.nbytes))
+    (loss, grad, saved), (loss_ref, grad_ref, saved_ref) = results
+    assert torch.equal(loss, loss_ref)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-8)
+    # per layer: 2 hidden-dropout masks and one attention mask go from 4 bytes to 1 bit per element, and the
+    # attention keeps q, k, v instead of probabilities, noise and dropped probabilities
+    assert saved < 0.75 * saved_ref
+
+
+def test_eager_attention_is_left_alone_and_said_so():
+    torch.manual_seed(0)
+    cfg = transformers.RobertaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64, attn_implementation="eager")
+    model = convert(transformers.RobertaForSequenceClassification(cfg), compress_dropout=True)
+    assert model.config._attn_implementation == "eager"
+    assert "left as 'eager'" in str(conversion_report(model))

@@ -85,6 +85,25 @@ def test_reentrant_checkpointing_under_deepspeed(strategy, checkpointing, tmp_pa
     assert m["checkpointing"] == checkpointing and falls(m["losses"]), m["losses"]
 
 
+@pytest.mark.parametrize("checkpointing", ["none", "non_reentrant"])
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
+def test_low_bit_linears_and_one_bit_dropout(strategy, checkpointing, tmp_path):
+    """The max-saving preset (LowBitLinear, 1-bit dropout and attention masks) under ZeRO-3 and FSDP2."""
+    out, vanilla = tmp_path / "m.json", tmp_path / "v.json"
+    torchrun("--fewbit-config", TINY, "--fewbit", ROOT / "configs" / "presets" / "max-saving.json",
+             *STRATEGIES[strategy], "--checkpointing", checkpointing, "--max-steps", 20, "--metrics-out", out)
+    m = metrics(out)
+    assert m["fewbit"]["linear_bits"] == 8 and m["fewbit"]["compress_dropout"]
+    assert falls(m["losses"]), m["losses"]
+    if checkpointing == "none":
+        torchrun("--fewbit-config", TINY, "--fewbit", '{"activation_bits": null}', *STRATEGIES[strategy],
+                 "--max-steps", 2, "--metrics-out", vanilla)
+        v = metrics(vanilla)
+        assert v["fewbit"]["activation_bits"] is None
+        for a, b in zip(m["ranks"], v["ranks"]):  # per rank, against the same run unconverted
+            assert a["saved_activation_bytes"] < 0.5 * b["saved_activation_bytes"]
+
+
 @pytest.fixture(scope="module")
 def deterministic(tmp_path_factory):
     """Few-bit activations only, no dropout, SGD: a run that two strategies must reproduce exactly."""

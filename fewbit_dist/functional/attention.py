@@ -101,7 +101,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         key, value = key.repeat_interleave(rep, dim=-3), value.repeat_interleave(rep, dim=-3)
     if p == 0.0 or p == 1.0 or not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (query, key, value, attn_mask)):
-        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask, p, is_causal, scale)
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=p,
+                                                                is_causal=is_causal, scale=scale)
     return _AttentionFn.apply(query, key, value, attn_mask, p, scale, is_causal)
 
 
