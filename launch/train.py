@@ -317,6 +317,10 @@ def main(argv=None) -> int:
     device = torch.device("cuda", info.local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    else:
+        # Load the native CPU kernels in every run, vanilla included, so that peak RSS compares like with like
+        # (their import costs a few tens of MiB of resident memory, which would otherwise count as a variant's).
+        fewbit_dist.ops.native.native_module("cpu")
     ds_config = load_ds_config(args.deepspeed_config, tcfg["batch_size"], info.world_size) if args.deepspeed_config else None
     if ds_config is not None:
         import deepspeed
