@@ -27,27 +27,28 @@ def map_module(root: nn.Module, fn: Callable[[nn.Module, str], nn.Module], patte
         regex = re.compile(pattern) if pattern is not None else None
     except (re.error, TypeError) as exc:
         raise ValueError(f"pattern must be a valid regular expression, got {pattern!r}: {exc}") from None
-    memo: dict[int, nn.Module] = {}
+    return _visit(root, "", fn, regex, {})
 
-    def visit(module: nn.Module, path: str) -> nn.Module:
-        if id(module) in memo:
-            return memo[id(module)]
-        for name, child in list(module._modules.items()):
-            if child is None:
-                continue
-            new = visit(child, f"{path}.{name}" if path else name)
-            if new is not child:
-                module._modules[name] = new
-        out = module
-        if regex is None or regex.match(path):
-            out = fn(module, path)
-            if not isinstance(out, nn.Module):
-                raise TypeError(f"fn must return an nn.Module (the module itself to keep it); "
-                                f"got {type(out).__name__} for path {path!r}")
-        memo[id(module)] = out
-        return out
 
-    return visit(root, "")
+def _visit(module: nn.Module, path: str, fn, regex, memo: dict) -> nn.Module:
+    # A plain function, not a closure over itself: a self-referencing closure holding `memo` would keep
+    # every visited module alive until the cyclic garbage collector runs.
+    if id(module) in memo:
+        return memo[id(module)]
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        new = _visit(child, f"{path}.{name}" if path else name, fn, regex, memo)
+        if new is not child:
+            module._modules[name] = new
+    out = module
+    if regex is None or regex.match(path):
+        out = fn(module, path)
+        if not isinstance(out, nn.Module):
+            raise TypeError(f"fn must return an nn.Module (the module itself to keep it); "
+                            f"got {type(out).__name__} for path {path!r}")
+    memo[id(module)] = out
+    return out
 
 
 def convert_linear(module: nn.Module, ctor: Callable[..., nn.Module], **kwargs) -> nn.Module:
