@@ -42,3 +42,33 @@ def test_gelu_on_cuda_saves_packed_codes_and_matches_cpu():
         y.backward(torch.ones_like(y))
         grads.append(xi.grad.cpu())
     assert torch.equal(*grads)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cuda_lowbit_kernels_match_the_reference(bits, dtype):
+    mod = native.native_module("cuda")
+    assert mod is not None, native.native_state("cuda")
+    torch.manual_seed(bits)
+    for rows, cols, gs in [(37, 100, 32), (5, 3, 128), (640, 131, 7), (0, 5, 2)]:
+        x = (torch.randn(rows, cols, dtype=torch.float64) * 3).to(dtype)
+        groups = -(-cols // gs)
+        lo, scale = torch.randn(rows, groups) - 2, torch.rand(rows, groups) + 0.01
+        for noise in (torch.rand(rows, cols), None):
+            want = native.reference_quantize_pack(x, lo, scale, noise, bits, gs)
+            got = mod.quantize_pack(x.cuda(), lo.cuda(), scale.cuda(), None if noise is None else noise.cuda(), bits,
+                                    gs)
+            assert torch.equal(got.cpu(), want), (rows, cols, gs)
+        back = mod.unpack_dequantize(want.cuda(), lo.cuda(), scale.cuda(), bits, cols, gs, dtype)
+        assert torch.equal(back.cpu(), native.reference_unpack_dequantize(want, lo, scale, bits, cols, gs, dtype))
+
+
+def test_lowbit_linear_and_dropout_on_cuda():
+    torch.manual_seed(0)
+    lin = fewbit_dist.LowBitLinear(256, 64, bits=4).cuda()
+    x = torch.randn(1000, 256, device="cuda", requires_grad=True)
+    with fewbit_dist.memory.SavedTensorMeter(lin) as meter:
+        y = fewbit_dist.Dropout(0.2)(lin(x))
+    assert meter.nbytes == 1000 * 256 // 2 + 8 * 1000 * 2 + (1000 * 64 + 7) // 8 + 2 * 4
+    y.sum().backward()
+    assert torch.isfinite(lin.weight.grad).all() and x.grad is not None

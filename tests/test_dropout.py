@@ -59,9 +59,10 @@ def test_backward_is_exact_given_the_mask():
     y = fewbit_dist.Dropout(0.4)(x)
     g = torch.randn(1000)
     y.backward(g)
-    mask = (y != 0) | (x.detach() == 0)
-    assert torch.equal(x.grad, torch.where(mask, g * (1 / 0.6), torch.zeros(())).to(x.grad.dtype)) or \
-        torch.allclose(x.grad, torch.where(mask, g / 0.6, torch.zeros(())), rtol=0, atol=1e-6)
+    kept = y != 0  # x has no zeros
+    level = torch.ones(1).div_(0.6)  # the kept value, as torch computes its noise
+    assert 0 < kept.sum() < 1000
+    assert torch.equal(x.grad, torch.where(kept, g * level, torch.zeros(())))
 
 
 def test_eval_p0_p1_and_inplace():
