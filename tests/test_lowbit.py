@@ -289,3 +289,21 @@ def test_reference_fallback_gives_the_same_gradients(monkeypatch):
         low_bit_linear(x, w, None, bits=3, group_size=16, generator=torch.Generator().manual_seed(1)).sum().backward()
         grads.append(w.grad.clone())
     assert torch.equal(*grads)
+
+
+def test_sharing_cache_keeps_nothing_alive_under_checkpointing():
+    """Non-reentrant checkpointing drops saved tensors in forward; the sharing cache must not hold them."""
+    import gc
+
+    from fewbit_dist.functional import lowbit
+
+    torch.manual_seed(0)
+    q, k = LowBitLinear(32, 32, bits=4), LowBitLinear(32, 32, bits=4)
+    x = torch.randn(64, 32, requires_grad=True)  # a block input: kept alive by the checkpoint
+    y = checkpoint(lambda t: q(t) + k(t), x, use_reentrant=False)
+    entry = lowbit._shared.get(x)
+    assert entry is not None
+    gc.collect()
+    assert all(ref() is None for ref in entry[1])  # the packed codes and scales were freed
+    y.sum().backward()
+    assert q.weight.grad is not None and k.weight.grad is not None

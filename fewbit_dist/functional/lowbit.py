@@ -18,8 +18,9 @@ reproducible under torch.manual_seed and activation checkpointing replays the sa
 Sharing. Several layers often read one tensor (the Q, K and V projections of attention). The quantized copy
 of an input is kept in a weak per-tensor cache for the forward pass, so those layers save one packed copy
 between them instead of one each; an in-place change of the tensor (its version counter) or a different
-bits/group_size/rounding makes a new one. The entry goes away with the tensor or at the first backward
-that reads it, so a tensor fed again in a later step is quantized afresh.
+bits/group_size/rounding makes a new one. The entry goes away with the tensor, with the saved copies (it
+never keeps them alive itself: under non-reentrant checkpointing each layer quantizes on its own) or at the
+first backward that reads it, so a tensor fed again in a later step is quantized afresh.
 
 Quantization math runs in float32 for every input dtype (fp64 inputs too); non-finite inputs give
 non-finite group ranges and a meaningless grad_W, as they would for nn.Linear.
@@ -123,7 +124,9 @@ def dequantize_input(q: QuantizedInput, dtype: torch.dtype) -> torch.Tensor:
     return unpack_dequantize(q.packed, q.lo, q.scale, q.bits, q.cols, q.group_size, dtype)
 
 
-# One quantized copy per input tensor during a forward pass (see "Sharing" above).
+# One quantized copy per input tensor during a forward pass (see "Sharing" above). Both sides are weak: the
+# entry dies with the input tensor, and it holds the quantized tensors only while a layer's saved tensors
+# do (non-reentrant checkpointing drops saved tensors in forward: the cache must not keep them alive).
 _shared: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
@@ -131,9 +134,11 @@ def _shared_quantize(x: torch.Tensor, x2: torch.Tensor, bits, group_size, roundi
     key = (x._version, tuple(x.shape), bits, group_size, rounding)
     hit = _shared.get(x)
     if hit is not None and hit[0] == key:
-        return hit[1]
+        tensors = [ref() for ref in hit[1]]
+        if all(t is not None for t in tensors):
+            return QuantizedInput(*tensors, bits, group_size, x2.shape[1])
     q = quantize_input(x2, bits, group_size, rounding, seed)
-    _shared[x] = (key, q)
+    _shared[x] = (key, tuple(weakref.ref(t) for t in (q.packed, q.lo, q.scale)))
     return q
 
 
@@ -142,7 +147,6 @@ class _LowBitLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, bits, group_size, rounding, seed):
         y = F.linear(x, weight, bias)
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
-        ctx.quantized = None
         if not ctx.needs_input_grad[1]:  # no weight gradient: keep only what grad_x needs
             ctx.save_for_backward(weight)
             return y
