@@ -88,23 +88,26 @@ class SavedTensorMeter:
         return dict(out)
 
     def _pack(self, t: torch.Tensor):
+        # Hand autograd a detached alias, never `t` itself: a saved output packed as itself would hold its own
+        # grad_fn (node -> packed tensor -> grad_fn -> node), a cycle through C++ that the garbage collector
+        # cannot see, so a forward that is never backpropagated would leak its whole graph.
         self.saved_count += 1
         base = t._base if t._base is not None else t
         if isinstance(t, nn.Parameter) or isinstance(base, nn.Parameter):
-            return t
+            return t.detach()
         if t.device.type == "meta" or not hasattr(t, "untyped_storage"):
-            return t
+            return t.detach()
         try:
             key = _storage_key(t)
         except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
-            return t
+            return t.detach()
         if key in self._exclude_keys or key in self._seen:
-            return t
+            return t.detach()
         storage = t.untyped_storage()
         # Hold the storage until the meter closes so its address cannot be reused by another tensor.
         self._seen[key] = storage
         self.records.append(SavedRecord(tuple(t.shape), t.dtype, str(t.device), storage.nbytes()))
-        return t
+        return t.detach()
 
     def __enter__(self) -> "SavedTensorMeter":
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)

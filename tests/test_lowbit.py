@@ -291,19 +291,22 @@ def test_reference_fallback_gives_the_same_gradients(monkeypatch):
     assert torch.equal(*grads)
 
 
-def test_sharing_cache_keeps_nothing_alive_under_checkpointing():
-    """Non-reentrant checkpointing drops saved tensors in forward; the sharing cache must not hold them."""
+def test_sharing_cache_keeps_at_most_one_input_under_checkpointing():
+    """Non-reentrant checkpointing drops saved tensors in forward; the sharing cache holds only the last one."""
     import gc
+    import weakref
 
     from fewbit_dist.functional import lowbit
 
     torch.manual_seed(0)
-    q, k = LowBitLinear(32, 32, bits=4), LowBitLinear(32, 32, bits=4)
-    x = torch.randn(64, 32, requires_grad=True)  # a block input: kept alive by the checkpoint
-    y = checkpoint(lambda t: q(t) + k(t), x, use_reentrant=False)
-    entry = lowbit._shared.get(x)
-    assert entry is not None
+    blocks = [(LowBitLinear(32, 32, bits=4), LowBitLinear(32, 32, bits=4)) for _ in range(3)]
+    x = torch.randn(64, 32, requires_grad=True)
+    h, refs = x, []
+    for q, k in blocks:
+        h = checkpoint(lambda t, q=q, k=k: q(t) + k(t), h, use_reentrant=False)
+        refs.append(weakref.ref(lowbit._last[0][2].packed))
     gc.collect()
-    assert all(ref() is None for ref in entry[1])  # the packed codes and scales were freed
-    y.sum().backward()
-    assert q.weight.grad is not None and k.weight.grad is not None
+    assert [r() is None for r in refs] == [True, True, False]  # only the last block's input is still held
+    h.sum().backward()
+    assert all(q.weight.grad is not None and k.weight.grad is not None for q, k in blocks)
+    assert lowbit._last[0] is None or lowbit._last[0][0]() is not x

@@ -38,3 +38,22 @@ def test_explicit_tensor_exclusion_and_helpers():
     assert saved_activation_bytes(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), torch.randn(3, 4)) == 3 * 4 * 4 * 2
     assert peak_memory_bytes() > 0
     assert format_bytes(1536) == "1.50 KiB" and format_bytes(12) == "12 B"
+
+
+def test_a_forward_without_backward_under_the_meter_leaks_nothing():
+    """The meter's pack hook must not tie a saved output to its own node (a cycle the GC cannot see)."""
+    import gc
+
+    def live_tensors():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) in (torch.Tensor, nn.Parameter))
+
+    w = torch.randn(20, 20, requires_grad=True)
+    x = torch.randn(8, 20)
+    with SavedTensorMeter() as meter:
+        torch.sigmoid(x @ w).sum()
+    before = live_tensors()
+    for _ in range(5):
+        with SavedTensorMeter() as meter:
+            torch.sigmoid(x @ w).sum()  # sigmoid saves its output
+    assert live_tensors() == before and meter.nbytes == 2 * 8 * 20 * 4  # x (for grad w) and the output

@@ -15,12 +15,12 @@ Noise. Stochastic rounding draws its uniforms from a torch.Generator seeded with
 RandomizedLinear's, see linear.draw_seed) from torch's RNG on every call, with or without grad, so runs are
 reproducible under torch.manual_seed and activation checkpointing replays the same RNG stream.
 
-Sharing. Several layers often read one tensor (the Q, K and V projections of attention). The quantized copy
-of an input is kept in a weak per-tensor cache for the forward pass, so those layers save one packed copy
-between them instead of one each; an in-place change of the tensor (its version counter) or a different
-bits/group_size/rounding makes a new one. The entry goes away with the tensor, with the saved copies (it
-never keeps them alive itself: under non-reentrant checkpointing each layer quantizes on its own) or at the
-first backward that reads it, so a tensor fed again in a later step is quantized afresh.
+Sharing. Several layers often read one tensor, one after the other (the Q, K and V projections of
+attention). The last quantized input is kept in a one-entry cache, so those layers save one packed copy
+between them instead of one each; an in-place change of the tensor (its version counter), another tensor,
+or a different bits/group_size/rounding makes a new one. The entry is replaced by the next quantization and
+dropped at the first backward that reads it, so a tensor fed again in a later step is quantized afresh, and
+at most one quantized input outlives its layers' saved tensors (under non-reentrant checkpointing).
 
 Quantization math runs in float32 for every input dtype (fp64 inputs too); non-finite inputs give
 non-finite group ranges and a meaningless grad_W, as they would for nn.Linear.
@@ -36,7 +36,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..ops.native import quantize_pack, row_chunk, unpack_dequantize
 from .linear import draw_seed
@@ -124,22 +123,26 @@ def dequantize_input(q: QuantizedInput, dtype: torch.dtype) -> torch.Tensor:
     return unpack_dequantize(q.packed, q.lo, q.scale, q.bits, q.cols, q.group_size, dtype)
 
 
-# One quantized copy per input tensor during a forward pass (see "Sharing" above). Both sides are weak: the
-# entry dies with the input tensor, and it holds the quantized tensors only while a layer's saved tensors
-# do (non-reentrant checkpointing drops saved tensors in forward: the cache must not keep them alive).
-_shared: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+# The last quantized input, for the layers that read the same tensor next (see "Sharing" above): a single
+# slot, so at most one quantized input outlives its layers' saved tensors (under non-reentrant checkpointing
+# or saved-tensor hooks that move saved tensors elsewhere), and only until the next layer quantizes.
+_last: list = [None]  # (weakref to the input, key, QuantizedInput)
 
 
 def _shared_quantize(x: torch.Tensor, x2: torch.Tensor, bits, group_size, rounding, seed) -> QuantizedInput:
     key = (x._version, tuple(x.shape), bits, group_size, rounding)
-    hit = _shared.get(x)
-    if hit is not None and hit[0] == key:
-        tensors = [ref() for ref in hit[1]]
-        if all(t is not None for t in tensors):
-            return QuantizedInput(*tensors, bits, group_size, x2.shape[1])
+    last = _last[0]
+    if last is not None and last[0]() is x and last[1] == key:
+        return last[2]
     q = quantize_input(x2, bits, group_size, rounding, seed)
-    _shared[x] = (key, tuple(weakref.ref(t) for t in (q.packed, q.lo, q.scale)))
+    _last[0] = (weakref.ref(x), key, q)
     return q
+
+
+def _forget(x) -> None:
+    last = _last[0]
+    if last is not None and (x is None or last[0]() is x or last[0]() is None):
+        _last[0] = None
 
 
 class _LowBitLinearFn(torch.autograd.Function):
@@ -168,9 +171,7 @@ class _LowBitLinearFn(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
         if ctx.needs_input_grad[1]:
-            source = ctx.source()
-            if source is not None:
-                _shared.pop(source, None)
+            _forget(ctx.source())
             packed, lo, scale = rest
             bits, group_size, cols = ctx.meta
             x_hat = unpack_dequantize(packed, lo, scale, bits, cols, group_size, g2.dtype)
