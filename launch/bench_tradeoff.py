@@ -126,8 +126,8 @@ def markdown(rows: list[dict], front: set[str], header: str) -> str:
              "|---|---:|---:|---:|---:|---|---|:-:|"]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r['saved_bytes'] / 2**20:.1f} | {-r['saving']:+.1%} | "
-            f"{r['saved_bytes_dropout1'] / 2**20:.1f} | {-r['saving_dropout1']:+.1%} | "
+            f"| {r['name']} | {r['saved_bytes'] / 2**20:.1f} | {-r['saving'] + 0.0:+.1%} | "
+            f"{r['saved_bytes_dropout1'] / 2**20:.1f} | {-r['saving_dropout1'] + 0.0:+.1%} | "
             f"{r['cosine_mean']:.4f} / {r['cosine_worst']:.4f} | {r['rel_error_mean']:.3f} / {r['rel_error_worst']:.3f} "
             f"| {'*' if r['name'] in front else ''} |")
     return "\n".join(lines) + "\n"
