@@ -159,7 +159,7 @@ class FewBitConfig:
                                      f"{set_by[name][1]!r} and {ov} sets {name}={value!r}")
                 set_by[name] = (i, value)
                 fields[name] = value
-        if method_by is None and not overrides:
+        if not overrides:
             return self if not self.overrides else dataclasses.replace(self, overrides=())
         return dataclasses.replace(self, overrides=(), **fields)
 

@@ -1,9 +1,10 @@
-"""RandomizedLinear benchmark: fwd+bwd time against nn.Linear, grad-W error, saved bytes, per sketch and ratio.
+"""Linear-layer benchmark: fwd+bwd time against nn.Linear, grad-W error, saved bytes, for RandomizedLinear per
+sketch and ratio and for LowBitLinear per bit-width.
 
     python launch/bench_linear.py                       # CPU, fp32, 8192 tokens, 1024x1024 and 768x3072
     python launch/bench_linear.py --device cuda --dtype bf16
 
-Time: fwd+bwd (grad input, weight and bias) of RandomizedLinear divided by nn.Linear's, both run interleaved
+Time: fwd+bwd (grad input, weight and bias) of the layer divided by nn.Linear's, both run interleaved
 on the same tensors, median and quartiles of the per-round ratios. Error: ||grad_W - exact|| / ||exact||,
 RMS over --seeds sketches, on two kinds of data: "iid" (Gaussian x and g: the worst case, no structure for
 a sketch to exploit) and "lowrank" (x and g dominated by a few shared directions, as activations and
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchlib import append_results, machine_info, ratio_stats, time_interleaved  # noqa: E402
-from fewbit_dist import RandomizedLinear  # noqa: E402
+from fewbit_dist import LowBitLinear, RandomizedLinear  # noqa: E402
 from fewbit_dist.functional.sketch import SKETCHES  # noqa: E402
 from fewbit_dist.memory import SavedTensorMeter  # noqa: E402
 
@@ -57,15 +58,18 @@ def grad_error(layer, ref_grad, x, dy, seeds):
     return math.sqrt(sum(errs) / len(errs)), sum(coss) / len(coss)
 
 
-def bench_shape(tokens, n_in, n_out, ratios, sketches, dtype, device, repeats, seeds):
+def bench_shape(tokens, n_in, n_out, ratios, sketches, dtype, device, repeats, seeds, low_bits=()):
     torch.manual_seed(0)
     ref = torch.nn.Linear(n_in, n_out, device=device, dtype=dtype)
     layers = {}
     for sk in sketches:
         for ratio in ratios:
-            lin = RandomizedLinear(n_in, n_out, device=device, dtype=dtype, proj_dim_ratio=ratio, sketch=sk)
-            lin.weight, lin.bias = ref.weight, ref.bias  # the same parameters
-            layers[(sk, ratio)] = lin
+            layers[(sk, ratio)] = RandomizedLinear(n_in, n_out, device=device, dtype=dtype, proj_dim_ratio=ratio,
+                                                   sketch=sk)
+    for bits in low_bits:
+        layers[(f"int{bits}", None)] = LowBitLinear(n_in, n_out, device=device, dtype=dtype, bits=bits)
+    for lin in layers.values():
+        lin.weight, lin.bias = ref.weight, ref.bias  # the same parameters
     x, dy = make_data("iid", tokens, n_in, n_out, device, dtype)
     xg = x.clone().requires_grad_(True)
 
@@ -90,8 +94,9 @@ def bench_shape(tokens, n_in, n_out, ratios, sketches, dtype, device, repeats, s
     for (sk, ratio), lin in layers.items():
         with SavedTensorMeter([lin, ref]) as meter:
             lin(xg)
+        k = lin.projection_dim(tokens) if isinstance(lin, RandomizedLinear) else None
         row = {"bench": "linear", "sketch": sk, "ratio": ratio, "tokens": tokens, "n_in": n_in, "n_out": n_out,
-               "dtype": str(dtype).replace("torch.", ""), "k": lin.projection_dim(tokens),
+               "dtype": str(dtype).replace("torch.", ""), "k": k,
                "time_linear_ms": 1e3 * timing["linear"]["median"],
                "time_ms": 1e3 * timing[f"{sk}@{ratio}"]["median"],
                "time_ratio": ratio_stats(timing[f"{sk}@{ratio}"]["samples"], timing["linear"]["samples"]),
@@ -104,11 +109,11 @@ def bench_shape(tokens, n_in, n_out, ratios, sketches, dtype, device, repeats, s
 
 
 def markdown(rows) -> str:
-    out = ["| shape | sketch | ratio | k | fwd+bwd vs nn.Linear (median [q25, q75]) | saved / input | "
+    out = ["| shape | method | ratio | k | fwd+bwd vs nn.Linear (median [q25, q75]) | saved / input | "
            "grad-W rel. err iid | rel. err low-rank (cos) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["time_ratio"]
-        out.append(f"| {r['tokens']}x{r['n_in']}->{r['n_out']} | {r['sketch']} | {r['ratio']} | {r['k']} | "
+        out.append(f"| {r['tokens']}x{r['n_in']}->{r['n_out']} | {r['sketch']} | {r['ratio'] or '-'} | {r['k'] or '-'} | "
                    f"{t['median']:.2f} [{t['q25']:.2f}, {t['q75']:.2f}] | "
                    f"{r['saved_bytes'] / r['input_bytes']:.3f} | {r['rel_err_iid']:.2f} | "
                    f"{r['rel_err_lowrank']:.3f} ({r['cos_lowrank']:.3f}) |")
@@ -121,6 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="1024x1024,768x3072", help="comma-separated IN x OUT")
     ap.add_argument("--ratios", default="0.1,0.2,0.5")
     ap.add_argument("--sketches", default=",".join(sorted(SKETCHES)))
+    ap.add_argument("--low-bits", default="2,4,8", help="LowBitLinear bit-widths ('' for none)")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=5)
@@ -133,12 +139,13 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"--sketches: unknown {unknown}; valid: {', '.join(sorted(SKETCHES))}")
     ratios = [float(r) for r in args.ratios.split(",")]
+    low_bits = [int(b) for b in args.low_bits.split(",") if b.strip()]
     info = machine_info(args.device)
     rows = []
     for shape in args.shapes.split(","):
         n_in, n_out = (int(v) for v in shape.lower().split("x"))
         rows += bench_shape(args.tokens, n_in, n_out, ratios, sketches, DTYPES[args.dtype], args.device,
-                            args.repeats, args.seeds)
+                            args.repeats, args.seeds, low_bits)
     for row in rows:
         row.update(info)
         row["command"] = "python launch/bench_linear.py " + " ".join(argv if argv is not None else sys.argv[1:])

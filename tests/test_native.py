@@ -166,3 +166,24 @@ def test_prebuilt_at_install_is_preferred(tmp_path):
     assert check.returncode == 0, check.stderr
     source, path = check.stdout.split()
     assert source == "prebuilt" and path.startswith(str(tmp_path))
+
+
+def test_a_stale_jit_lock_is_removed(monkeypatch, tmp_path):
+    """A process killed while holding torch's JIT build lock must not hang every later run."""
+    import os
+    import time
+
+    pytest.importorskip("torch.utils.cpp_extension")
+    from fewbit_dist.ops import builder
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = tmp_path / "some_op"
+    folder.mkdir()
+    lock = folder / "lock"
+    lock.write_text("")
+    assert builder.clear_stale_lock("some_op") is None and lock.exists()  # fresh: a build may be running
+    old = time.time() - 2 * builder.STALE_LOCK_S
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale JIT build lock"):
+        assert builder.clear_stale_lock("some_op") == lock
+    assert not lock.exists()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = ["CSRC", "cpu_sources", "cuda_sources", "include_paths", "CPU_CXX_ARGS", "cpu_builder", "cuda_builder",
-           "jit_load_cpu", "jit_load_cuda", "build_cuda_extension"]
+           "jit_load_cpu", "jit_load_cuda", "build_cuda_extension", "clear_stale_lock"]
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPU_CXX_ARGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]  # no FMA: the reference's bytes
@@ -66,8 +66,34 @@ def cpu_builder():
     return FewBitCPUBuilder()
 
 
+STALE_LOCK_S = 600  # a JIT build of these kernels takes well under a minute
+
+
+def clear_stale_lock(name: str, max_age_s: float = STALE_LOCK_S):
+    """torch's JIT loader guards its build folder with a lock file and waits for it forever. A process killed
+    while holding it (a job killed during the build or its up-to-date check) would hang every later run, so
+    a lock older than `max_age_s` is removed, with a warning. Returns the removed path or None."""
+    import time
+    import warnings
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    if age < max_age_s:
+        return None
+    lock.unlink(missing_ok=True)
+    warnings.warn(f"fewbit_dist: removed a stale JIT build lock ({lock}, {age:.0f} s old; its owner was killed)",
+                  RuntimeWarning, stacklevel=2)
+    return lock
+
+
 def jit_load_cpu(verbose: bool = False):
     """Build (or take from the cache) and import the CPU kernels."""
+    clear_stale_lock(CPU_NAME)
     try:
         builder = cpu_builder()
     except ImportError:  # no DeepSpeed: the same build through torch directly
@@ -99,6 +125,7 @@ def jit_load_cuda(verbose: bool = False):
     import os
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    clear_stale_lock(CUDA_NAME)
     return cuda_builder().jit_load(verbose=verbose)
 
 
