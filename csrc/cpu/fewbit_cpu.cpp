@@ -6,6 +6,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "fewbit/checks.h"
 #include "fewbit/core.h"
 
 namespace {
@@ -155,22 +156,14 @@ torch::Tensor unpack_scale(const torch::Tensor& packed, const torch::Tensor& lev
 // stream), and its inverse. lo and scale are float32 [rows, groups_per_row]; noise (optional) is float32
 // [rows, cols] in [0, 1): stochastic rounding; without it, round to nearest (u = 0.5).
 
-void check_group_tables(const torch::Tensor& lo, const torch::Tensor& scale, int64_t rows, int64_t groups) {
-  TORCH_CHECK(lo.scalar_type() == torch::kFloat && scale.scalar_type() == torch::kFloat,
-              "lo and scale must be float32");
-  TORCH_CHECK(lo.dim() == 2 && lo.size(0) == rows && lo.size(1) == groups && scale.sizes() == lo.sizes(),
-              "lo and scale must be [rows, ceil(cols / group_size)] = [", rows, ", ", groups, "]");
-}
-
 torch::Tensor quantize_pack(const torch::Tensor& input, const torch::Tensor& lo, const torch::Tensor& scale,
                             const c10::optional<torch::Tensor>& noise, int64_t bits, int64_t group_size) {
   check_bits(bits);
   TORCH_CHECK(input.device().is_cpu(), "fewbit_cpu: tensors must be on the CPU");
   TORCH_CHECK(input.dim() == 2, "input must be 2-D [rows, cols]");
-  TORCH_CHECK(group_size >= 1, "group_size must be >= 1");
   const int64_t rows = input.size(0), cols = input.size(1);
-  const int64_t groups = cols == 0 ? 0 : (cols + group_size - 1) / group_size;
-  check_group_tables(lo, scale, rows, groups);
+  const int64_t groups = fewbit::groups_per_row(cols, group_size);
+  fewbit::check_group_tables(lo, scale, rows, groups);
   const auto x = input.contiguous();
   const auto lc = lo.contiguous(), sc = scale.contiguous();
   torch::Tensor nc;
@@ -211,11 +204,10 @@ torch::Tensor unpack_dequantize(const torch::Tensor& packed, const torch::Tensor
                                 int64_t bits, int64_t cols, int64_t group_size, at::ScalarType dtype) {
   check_bits(bits);
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.device().is_cpu(), "packed must be a CPU uint8 tensor");
-  TORCH_CHECK(group_size >= 1 && cols >= 0, "group_size must be >= 1 and cols >= 0");
   TORCH_CHECK(lo.dim() == 2, "lo must be 2-D [rows, groups]");
   const int64_t rows = lo.size(0);
-  const int64_t groups = cols == 0 ? 0 : (cols + group_size - 1) / group_size;
-  check_group_tables(lo, scale, rows, groups);
+  const int64_t groups = fewbit::groups_per_row(cols, group_size);
+  fewbit::check_group_tables(lo, scale, rows, groups);
   const int64_t n = rows * cols;
   TORCH_CHECK(packed.numel() >= fewbit::packed_nbytes(n, static_cast<int32_t>(bits)), "packed is too short");
   auto out = torch::empty({rows, cols}, lo.options().dtype(dtype));

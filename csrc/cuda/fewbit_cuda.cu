@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/types.h>
 
+#include "fewbit/checks.h"
 #include "fewbit/core.h"
 
 namespace {
@@ -155,24 +156,15 @@ torch::Tensor unpack_scale_cuda(const torch::Tensor& packed, const torch::Tensor
   return out;
 }
 
-namespace {
-void check_group_tables(const torch::Tensor& lo, const torch::Tensor& scale, int64_t rows, int64_t groups) {
-  TORCH_CHECK(lo.scalar_type() == torch::kFloat && scale.scalar_type() == torch::kFloat,
-              "lo and scale must be float32");
-  TORCH_CHECK(lo.dim() == 2 && lo.size(0) == rows && lo.size(1) == groups && scale.sizes() == lo.sizes(),
-              "lo and scale must be [rows, ceil(cols / group_size)] = [", rows, ", ", groups, "]");
-}
-}  // namespace
 
 torch::Tensor quantize_pack_cuda(const torch::Tensor& input, const torch::Tensor& lo, const torch::Tensor& scale,
                                  const c10::optional<torch::Tensor>& noise, int64_t bits, int64_t group_size) {
   TORCH_CHECK(bits >= 1 && bits <= 8, "bits must be in 1..8, got ", bits);
   TORCH_CHECK(input.is_cuda() && lo.is_cuda() && scale.is_cuda(), "fewbit_cuda: tensors must be on a CUDA device");
   TORCH_CHECK(input.dim() == 2, "input must be 2-D [rows, cols]");
-  TORCH_CHECK(group_size >= 1, "group_size must be >= 1");
   const int64_t rows = input.size(0), cols = input.size(1);
-  const int64_t groups = cols == 0 ? 0 : (cols + group_size - 1) / group_size;
-  check_group_tables(lo, scale, rows, groups);
+  const int64_t groups = fewbit::groups_per_row(cols, group_size);
+  fewbit::check_group_tables(lo, scale, rows, groups);
   const c10::cuda::CUDAGuard guard(input.device());
   const auto x = input.contiguous();
   const auto lc = lo.contiguous(), sc = scale.contiguous();
@@ -201,11 +193,10 @@ torch::Tensor unpack_dequantize_cuda(const torch::Tensor& packed, const torch::T
   TORCH_CHECK(bits >= 1 && bits <= 8, "bits must be in 1..8, got ", bits);
   TORCH_CHECK(packed.is_cuda() && lo.is_cuda() && scale.is_cuda(), "fewbit_cuda: tensors must be on a CUDA device");
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8, "packed must be uint8");
-  TORCH_CHECK(group_size >= 1 && cols >= 0, "group_size must be >= 1 and cols >= 0");
   TORCH_CHECK(lo.dim() == 2, "lo must be 2-D [rows, groups]");
   const int64_t rows = lo.size(0);
-  const int64_t groups = cols == 0 ? 0 : (cols + group_size - 1) / group_size;
-  check_group_tables(lo, scale, rows, groups);
+  const int64_t groups = fewbit::groups_per_row(cols, group_size);
+  fewbit::check_group_tables(lo, scale, rows, groups);
   const int64_t n = rows * cols;
   TORCH_CHECK(packed.numel() >= fewbit::packed_nbytes(n, static_cast<int32_t>(bits)), "packed is too short");
   const c10::cuda::CUDAGuard guard(packed.device());

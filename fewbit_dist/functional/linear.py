@@ -29,7 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from .sketch import sketch_for
 
-__all__ = ["randomized_linear", "projection_dim", "draw_seed"]
+__all__ = ["randomized_linear", "projection_dim", "draw_seed", "apply_linear_function", "exact_input_and_bias_grads"]
 
 _SEED_BITS = 62
 _GOLDEN = 0x9E3779B97F4A7C15  # odd constant of the golden ratio: spreads ranks over the seed space
@@ -55,6 +55,30 @@ def projection_dim(rows: int, proj_dim: Optional[int] = None, proj_dim_ratio: Op
     if proj_dim_max is not None:
         k = min(k, proj_dim_max)
     return max(1, k)
+
+
+def apply_linear_function(fn, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *args):
+    """`fn.apply(input, weight, bias, *args)` for a linear autograd.Function with a compressed saved input, or
+    plain F.linear when autograd will not need it. Under torch.autocast the operands are cast to the autocast
+    dtype first, as autocast does for F.linear, and `fn` runs with autocast off."""
+    if not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                         or (bias is not None and bias.requires_grad))):
+        return F.linear(input, weight, bias)
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return fn.apply(input, weight, bias, *args)
+    return fn.apply(input, weight, bias, *args)
+
+
+def exact_input_and_bias_grads(ctx, g2: torch.Tensor, weight: torch.Tensor):
+    """grad_x = g W (shaped like the input) and grad_b = sum of g's rows, each when needed (else None)."""
+    grad_x = (g2 @ weight.to(g2.dtype)).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+    grad_b = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_x, grad_b
 
 
 class _RandomizedLinearFn(torch.autograd.Function):
@@ -83,11 +107,8 @@ class _RandomizedLinearFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         weight, *rest = ctx.saved_tensors
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g2 @ weight.to(g2.dtype)).view(ctx.x_shape)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g2.sum(0)
+        grad_x, grad_b = exact_input_and_bias_grads(ctx, g2, weight)
+        grad_w = None
         if ctx.needs_input_grad[1]:
             if ctx.mode == "exact":
                 grad_w = g2.t() @ rest[0]
@@ -110,14 +131,4 @@ def randomized_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[
     # Always draw, with or without autograd: reentrant checkpointing runs the forward once without grad and
     # again with it from the same RNG state, and both runs must consume the RNG alike (dropout after us!).
     seed = draw_seed(generator)
-    if not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
-                                         or (bias is not None and bias.requires_grad))):
-        return F.linear(input, weight, bias)
-    device_type = input.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        input, weight = input.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast(device_type, enabled=False):
-            return _RandomizedLinearFn.apply(input, weight, bias, proj_dim, sketch, seed)
-    return _RandomizedLinearFn.apply(input, weight, bias, proj_dim, sketch, seed)
+    return apply_linear_function(_RandomizedLinearFn, input, weight, bias, proj_dim, sketch, seed)

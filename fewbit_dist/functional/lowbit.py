@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..ops.native import quantize_pack, row_chunk, unpack_dequantize
-from .linear import draw_seed
+from .linear import apply_linear_function, draw_seed, exact_input_and_bias_grads
 
 __all__ = ["low_bit_linear", "quantize_input", "dequantize_input", "QuantizedInput", "group_ranges",
            "check_lowbit_args", "ROUNDINGS", "DEFAULT_GROUP_SIZE"]
@@ -165,11 +165,8 @@ class _LowBitLinearFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         weight, *rest = ctx.saved_tensors
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g2 @ weight.to(g2.dtype)).view(ctx.x_shape)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g2.sum(0)
+        grad_x, grad_b = exact_input_and_bias_grads(ctx, g2, weight)
+        grad_w = None
         if ctx.needs_input_grad[1]:
             _forget(ctx.source())
             packed, lo, scale = rest
@@ -190,14 +187,4 @@ def low_bit_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     # Always draw (with or without grad, whatever the rounding), so the RNG stream after this layer does not
     # depend on the grad mode or the settings: reentrant checkpointing replays it.
     seed = draw_seed(generator)
-    if not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
-                                         or (bias is not None and bias.requires_grad))):
-        return F.linear(input, weight, bias)
-    device_type = input.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        input, weight = input.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast(device_type, enabled=False):
-            return _LowBitLinearFn.apply(input, weight, bias, bits, group_size, rounding, seed)
-    return _LowBitLinearFn.apply(input, weight, bias, bits, group_size, rounding, seed)
+    return apply_linear_function(_LowBitLinearFn, input, weight, bias, bits, group_size, rounding, seed)
