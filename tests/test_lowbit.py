@@ -309,4 +309,18 @@ def test_sharing_cache_keeps_at_most_one_input_under_checkpointing():
     assert [r() is None for r in refs] == [True, True, False]  # only the last block's input is still held
     h.sum().backward()
     assert all(q.weight.grad is not None and k.weight.grad is not None for q, k in blocks)
-    assert lowbit._last[0] is None or lowbit._last[0][0]() is not x
+
+
+def test_aliases_of_one_tensor_share_and_others_do_not():
+    """ZeRO-3 gives each submodule its own alias of an input: same memory, same quantized copy."""
+    torch.manual_seed(0)
+    q, k = LowBitLinear(16, 16, bits=4), LowBitLinear(16, 16, bits=4)
+    x = torch.randn(12, 16, requires_grad=True)
+    with SavedTensorMeter([q, k]) as meter:
+        q(x.view_as(x))
+        k(x.view(12, 16))
+    assert meter.nbytes == saved_nbytes(12, 16, 4, 128)
+    with SavedTensorMeter([q, k]) as meter:
+        q(x[:6])
+        k(x[6:])  # the same storage, other elements
+    assert meter.nbytes == 2 * saved_nbytes(6, 16, 4, 128)

@@ -29,7 +29,6 @@ non-finite group ranges and a meaningless grad_W, as they would for nn.Linear.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -125,23 +124,30 @@ def dequantize_input(q: QuantizedInput, dtype: torch.dtype) -> torch.Tensor:
 
 # The last quantized input, for the layers that read the same tensor next (see "Sharing" above): a single
 # slot, so at most one quantized input outlives its layers' saved tensors (under non-reentrant checkpointing
-# or saved-tensor hooks that move saved tensors elsewhere), and only until the next layer quantizes.
-_last: list = [None]  # (weakref to the input, key, QuantizedInput)
+# or saved-tensor hooks that move saved tensors elsewhere), and only until the next layer quantizes. It is
+# keyed by the input's memory (storage address, offset, shape, strides, dtype, version), not by the Python
+# object: DeepSpeed ZeRO-3 hands each submodule its own alias of the same tensor. The entry holds the
+# storage, so the address cannot be reused by another tensor while the key lives.
+_last: list = [None]  # (key, storage, QuantizedInput)
 
 
-def _shared_quantize(x: torch.Tensor, x2: torch.Tensor, bits, group_size, rounding, seed) -> QuantizedInput:
-    key = (x._version, tuple(x.shape), bits, group_size, rounding)
+def _share_key(x: torch.Tensor, bits, group_size, rounding) -> tuple:
+    return (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()),
+            x.dtype, x._version, bits, group_size, rounding)
+
+
+def _shared_quantize(x: torch.Tensor, x2: torch.Tensor, key: tuple, bits, group_size, rounding,
+                     seed) -> QuantizedInput:
     last = _last[0]
-    if last is not None and last[0]() is x and last[1] == key:
+    if last is not None and last[0] == key:
         return last[2]
     q = quantize_input(x2, bits, group_size, rounding, seed)
-    _last[0] = (weakref.ref(x), key, q)
+    _last[0] = (key, x.untyped_storage(), q)
     return q
 
 
-def _forget(x) -> None:
-    last = _last[0]
-    if last is not None and (x is None or last[0]() is x or last[0]() is None):
+def _forget(key: tuple) -> None:
+    if _last[0] is not None and _last[0][0] == key:
         _last[0] = None
 
 
@@ -154,9 +160,9 @@ class _LowBitLinearFn(torch.autograd.Function):
             ctx.save_for_backward(weight)
             return y
         x2 = x.reshape(-1, x.shape[-1])
-        q = _shared_quantize(x, x2, bits, group_size, rounding, seed)
+        ctx.share_key = _share_key(x, bits, group_size, rounding)
+        q = _shared_quantize(x, x2, ctx.share_key, bits, group_size, rounding, seed)
         ctx.meta = (q.bits, q.group_size, q.cols)
-        ctx.source = weakref.ref(x)  # to drop the shared entry in backward; weak: x must not outlive its use
         ctx.save_for_backward(weight, q.packed, q.lo, q.scale)
         return y
 
@@ -168,7 +174,7 @@ class _LowBitLinearFn(torch.autograd.Function):
         grad_x, grad_b = exact_input_and_bias_grads(ctx, g2, weight)
         grad_w = None
         if ctx.needs_input_grad[1]:
-            _forget(ctx.source())
+            _forget(ctx.share_key)
             packed, lo, scale = rest
             bits, group_size, cols = ctx.meta
             x_hat = unpack_dequantize(packed, lo, scale, bits, cols, group_size, g2.dtype)
