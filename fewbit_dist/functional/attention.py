@@ -20,8 +20,8 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..ops.native import encode_pack, unpack_scale
-from .dropout import check_dropout_p
+from ..ops.native import unpack_scale
+from .dropout import check_dropout_p, draw_packed_mask
 
 __all__ = ["scaled_dot_product_attention", "sdpa_or_fewbit"]
 
@@ -40,25 +40,16 @@ def _scores(q, k, attn_mask, scale, is_causal):
     return s
 
 
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class _AttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, p, scale, is_causal):
         probs = torch.softmax(_scores(q, k, attn_mask, scale, is_causal), dim=-1)
-        keep = 1.0 - p
-        noise = torch.empty_like(probs).bernoulli_(keep)
-        cdt = _compute_dtype(q.dtype)
-        packed = encode_pack(noise, torch.full((1,), 0.5, dtype=cdt, device=q.device), 1)
-        probs.mul_(noise.div_(keep))
+        noise, packed, levels = draw_packed_mask(probs, p)
+        probs.mul_(noise)
         del noise
         out = torch.matmul(probs, v)
-        level = torch.ones(1, dtype=q.dtype, device=q.device).div_(keep).to(cdt)
-        ctx.p, ctx.scale, ctx.is_causal = p, scale, is_causal
-        ctx.mask_shape = None if attn_mask is None else attn_mask.shape
-        ctx.save_for_backward(q, k, v, attn_mask, packed, torch.cat([torch.zeros_like(level), level]))
+        ctx.scale, ctx.is_causal = scale, is_causal
+        ctx.save_for_backward(q, k, v, attn_mask, packed, levels)
         return out
 
     @staticmethod

@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from ..ops.native import encode_pack, unpack_scale
 
-__all__ = ["dropout", "check_dropout_p"]
+__all__ = ["dropout", "check_dropout_p", "draw_packed_mask"]
 
 
 def check_dropout_p(p) -> float:
@@ -29,21 +29,25 @@ def check_dropout_p(p) -> float:
     return float(p)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def draw_packed_mask(like: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch's dropout noise for `like` (drawn as torch's CPU path draws it: same layout, same draws), as
+    (noise scaled by 1 / (1 - p), the kept/dropped bits packed at 1 bit per element, levels) where
+    levels = (0, the kept value) in the compute dtype: unpack_scale(packed, levels, g, 1) = g * noise."""
+    keep = 1.0 - p
+    noise = torch.empty_like(like).bernoulli_(keep)
+    cdt = torch.float64 if like.dtype == torch.float64 else torch.float32
+    packed = encode_pack(noise, torch.full((1,), 0.5, dtype=cdt, device=like.device), 1)
+    noise.div_(keep)
+    # the kept value computed by the same kernel as `noise` (a tensor divided by a scalar), widened exactly
+    level = torch.ones(1, dtype=like.dtype, device=like.device).div_(keep).to(cdt)
+    return noise, packed, torch.cat([torch.zeros_like(level), level])
 
 
 class _DropoutFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p, inplace):
-        keep = 1.0 - p
-        noise = torch.empty_like(x).bernoulli_(keep)  # as torch: same layout, same draws
-        cdt = _compute_dtype(x.dtype)
-        packed = encode_pack(noise, torch.full((1,), 0.5, dtype=cdt, device=x.device), 1)
-        noise.div_(keep)
-        # the kept value computed by the same kernel as `noise` (a tensor divided by a scalar), widened exactly
-        scale = torch.ones(1, dtype=x.dtype, device=x.device).div_(keep).to(cdt)
-        ctx.save_for_backward(packed, torch.cat([torch.zeros_like(scale), scale]))
+        noise, packed, levels = draw_packed_mask(x, p)
+        ctx.save_for_backward(packed, levels)
         if inplace:
             ctx.mark_dirty(x)
             return x.mul_(noise)
