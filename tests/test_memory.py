@@ -57,3 +57,99 @@ def test_a_forward_without_backward_under_the_meter_leaks_nothing():
         with SavedTensorMeter() as meter:
             torch.sigmoid(x @ w).sum()  # sigmoid saves its output
     assert live_tensors() == before and meter.nbytes == 2 * 8 * 20 * 4  # x (for grad w) and the output
+
+
+# -- PeakMemory ----------------------------------------------------------------------------------------------
+
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+from fewbit_dist import memory  # noqa: E402
+from fewbit_dist.memory import PeakMemory, PeakMemoryUnavailable  # noqa: E402
+
+linux_proc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU peak reads Linux's /proc")
+MIB = 2**20
+BIG = 64 * MIB  # above glibc's largest mmap threshold: allocated and returned to the OS as a whole
+SLACK = 8 * MIB  # the interpreter, the allocator and page-table noise around the tensor
+
+
+def touch(nbytes):
+    """Allocate, fill (so every page is resident) and free a float32 tensor of `nbytes`."""
+    t = torch.ones(nbytes // 4)
+    del t
+
+
+@linux_proc
+def test_cpu_peak_is_the_size_of_a_freed_tensor():
+    with PeakMemory() as pm:
+        touch(BIG)
+    assert BIG - SLACK <= pm.peak_bytes <= BIG + SLACK, pm.peak_bytes
+    assert abs(pm.end_bytes) < SLACK  # freed: the region leaves nothing behind
+    assert pm.start_bytes > 0
+    with PeakMemory("cpu") as pm:  # nothing allocated: no peak
+        pass
+    assert 0 <= pm.peak_bytes < SLACK
+
+
+@linux_proc
+def test_cpu_peak_counts_from_the_region_start_not_the_process_peak():
+    touch(2 * BIG)  # an earlier, larger peak of the process
+    with PeakMemory() as pm:
+        touch(BIG // 2)
+    assert BIG // 2 - SLACK <= pm.peak_bytes <= BIG // 2 + SLACK, pm.peak_bytes
+    kept = torch.ones(BIG // 4)  # memory held from before the region does not count either
+    with PeakMemory() as pm:
+        touch(BIG // 2)
+    assert pm.peak_bytes <= BIG // 2 + SLACK
+    del kept
+
+
+@linux_proc
+def test_nested_meters_keep_the_outer_peak_and_a_meter_can_be_reused():
+    outer, inner = PeakMemory(), PeakMemory()
+    with outer:
+        touch(BIG)  # before the inner meter resets the high-water mark
+        with inner:
+            touch(BIG // 2)
+        touch(BIG // 4)  # after the inner meter
+    assert BIG - SLACK <= outer.peak_bytes <= BIG + SLACK, outer.peak_bytes
+    assert BIG // 2 - SLACK <= inner.peak_bytes <= BIG // 2 + SLACK, inner.peak_bytes
+    with outer:  # reused: measures afresh
+        touch(BIG // 4)
+    assert BIG // 4 - SLACK <= outer.peak_bytes <= BIG // 4 + SLACK, outer.peak_bytes
+    with outer:
+        with pytest.raises(RuntimeError, match="already measuring"):
+            outer.__enter__()
+
+
+def test_peak_meter_errors_name_the_cause(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="device must be"):
+        PeakMemory("meta")
+    monkeypatch.setattr(memory, "CLEAR_REFS", str(tmp_path / "no-such-dir" / "clear_refs"))
+    monkeypatch.setattr(memory.sys, "platform", "linux")
+    with pytest.raises(PeakMemoryUnavailable, match="clear_refs failed"):
+        with PeakMemory():
+            pass
+    assert PeakMemory._open == []  # a failed entry leaves no open meter behind
+    memory.reset_peak_memory()  # the older helper stays silent where the reset is impossible
+    monkeypatch.setattr(memory.sys, "platform", "darwin")
+    with pytest.raises(PeakMemoryUnavailable, match="needs Linux.*darwin"):
+        PeakMemory().__enter__()
+
+
+def test_peak_meter_reads_the_status_file(monkeypatch, tmp_path):
+    """The CPU figures come from VmRSS at the start and VmHWM at the end (fake /proc files)."""
+    status, clear = tmp_path / "status", tmp_path / "clear_refs"
+    monkeypatch.setattr(memory, "STATUS", str(status))
+    monkeypatch.setattr(memory, "CLEAR_REFS", str(clear))
+    monkeypatch.setattr(memory.sys, "platform", "linux")
+    status.write_text("Name:\tpython\nVmHWM:\t    1000 kB\nVmRSS:\t    1000 kB\n")
+    with PeakMemory() as pm:
+        assert clear.read_text() == "5"
+        status.write_text("VmHWM:\t    5000 kB\nVmRSS:\t    1500 kB\n")
+    assert pm.start_bytes == 1000 * 1024 and pm.peak_bytes == 4000 * 1024 and pm.end_bytes == 500 * 1024
+    status.write_text("VmRSS:\t    1000 kB\n")
+    with pytest.raises(PeakMemoryUnavailable, match="no VmHWM"):
+        with PeakMemory():
+            pass
