@@ -27,9 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import shared_input
 from .sketch import sketch_for
 
-__all__ = ["randomized_linear", "projection_dim", "draw_seed", "apply_linear_function", "exact_input_and_bias_grads"]
+__all__ = ["randomized_linear", "exact_linear", "projection_dim", "draw_seed", "apply_linear_function",
+           "exact_input_and_bias_grads", "linear_forward", "weight_grad", "cast_operands"]
 
 _SEED_BITS = 62
 _GOLDEN = 0x9E3779B97F4A7C15  # odd constant of the golden ratio: spreads ranks over the seed space
@@ -58,34 +60,103 @@ def projection_dim(rows: int, proj_dim: Optional[int] = None, proj_dim_ratio: Op
 
 
 def apply_linear_function(fn, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *args):
-    """`fn.apply(input, weight, bias, *args)` for a linear autograd.Function with a compressed saved input, or
-    plain F.linear when autograd will not need it. Under torch.autocast the operands are cast to the autocast
-    dtype first, as autocast does for F.linear, and `fn` runs with autocast off."""
+    """`fn.apply(input, weight, bias, compute_dtype, *args)` for a linear autograd.Function with a compressed
+    saved input, or plain F.linear when autograd will not need it.
+
+    Under torch.autocast, `compute_dtype` is the autocast dtype and `fn` casts the operands itself (as autocast
+    does for F.linear), with autocast off; otherwise it is None. Casting inside the function is what lets it
+    save the Parameter rather than autocast's per-layer weight copy (recast in backward), and key a shared
+    saved input on the tensor the layers read rather than on each layer's own cast."""
     if not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
                                          or (bias is not None and bias.requires_grad))):
         return F.linear(input, weight, bias)
     device_type = input.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        input, weight = input.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(device_type, enabled=False):
-            return fn.apply(input, weight, bias, *args)
-    return fn.apply(input, weight, bias, *args)
+            return fn.apply(input, weight, bias, dtype, *args)
+    return fn.apply(input, weight, bias, None, *args)
 
 
-def exact_input_and_bias_grads(ctx, g2: torch.Tensor, weight: torch.Tensor):
-    """grad_x = g W (shaped like the input) and grad_b = sum of g's rows, each when needed (else None)."""
-    grad_x = (g2 @ weight.to(g2.dtype)).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-    grad_b = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+def cast_operands(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype):
+    """The operands as F.linear sees them under autocast to `dtype` (None: unchanged)."""
+    if dtype is None:
+        return x, weight, bias
+    return x.to(dtype), weight.to(dtype), (bias.to(dtype) if bias is not None else None)
+
+
+def linear_forward(ctx, x, weight, bias, dtype) -> torch.Tensor:
+    """y = F.linear on the (autocast-)cast operands; records on ctx what the exact gradients need."""
+    xc, wc, bc = cast_operands(x, weight, bias, dtype)
+    ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
+    ctx.compute_dtype = xc.dtype
+    return F.linear(xc, wc, bc)
+
+
+def exact_input_and_bias_grads(ctx, g2: torch.Tensor, weight: torch.Tensor, bias_dtype=None):
+    """grad_x = g W (shaped like the input, in its dtype) and grad_b = sum of g's rows, each when needed
+    (else None). `weight` is the Parameter: it is cast to g's dtype here, as the forward cast it."""
+    grad_x = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = (g2 @ weight.to(g2.dtype)).view(ctx.x_shape).to(ctx.x_dtype)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = g2.sum(0)
+        grad_b = grad_b.to(bias_dtype) if bias_dtype is not None else grad_b
     return grad_x, grad_b
+
+
+def weight_grad(g2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """g^T x in the compute dtype, returned in the Parameter's dtype (as autocast's cast-backward does)."""
+    return (g2.t() @ x2.to(g2.dtype)).to(weight.dtype)
+
+
+class _ExactLinearFn(torch.autograd.Function):
+    """F.linear with exact gradients that saves the Parameter (not autocast's copy of it) and one copy of its
+    input shared by every layer that reads the same tensor (fewbit_dist.functional.shared_input)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype):
+        y = linear_forward(ctx, x, weight, bias, dtype)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        if not ctx.needs_input_grad[1]:
+            ctx.share_key = None
+            ctx.save_for_backward(weight)
+            return y
+        key, saved = shared_input.take(x, exact=True, tag=ctx.compute_dtype)
+        if saved is None:
+            x2 = x.reshape(-1, x.shape[-1])
+            saved = shared_input.ExactInput(x2 if x2.dtype == ctx.compute_dtype else x2.to(ctx.compute_dtype))
+            key = shared_input.offer(x, saved, tag=ctx.compute_dtype)
+        ctx.share_key, ctx.restore = key, saved.restorer()
+        ctx.save_for_backward(weight, *saved.tensors())
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        weight, *rest = ctx.saved_tensors
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x, grad_b = exact_input_and_bias_grads(ctx, g2, weight, ctx.bias_dtype)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            shared_input.forget(ctx.share_key)
+            grad_w = weight_grad(g2, ctx.restore(rest, ctx.compute_dtype), weight)
+        return grad_x, grad_w, grad_b, None
+
+
+def exact_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear, values and gradients unchanged, saving less: the Parameter instead of autocast's weight copy
+    and one input copy shared with the other layers that read the same tensor (Q/K/V, gate/up), or none at
+    all when the tensor's producer (a converted norm or gated MLP) can rebuild it exactly."""
+    return apply_linear_function(_ExactLinearFn, input, weight, bias)
 
 
 class _RandomizedLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, k, sketch_name, seed):
-        y = F.linear(x, weight, bias)
-        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+    def forward(ctx, x, weight, bias, dtype, k, sketch_name, seed):
+        y = linear_forward(ctx, x, weight, bias, dtype)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        x = x.to(ctx.compute_dtype)
         if not ctx.needs_input_grad[1]:  # nothing to estimate: keep only what grad_x needs
             ctx.mode = "none"
             ctx.save_for_backward(weight)
@@ -107,15 +178,15 @@ class _RandomizedLinearFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         weight, *rest = ctx.saved_tensors
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x, grad_b = exact_input_and_bias_grads(ctx, g2, weight)
+        grad_x, grad_b = exact_input_and_bias_grads(ctx, g2, weight, ctx.bias_dtype)
         grad_w = None
         if ctx.needs_input_grad[1]:
             if ctx.mode == "exact":
-                grad_w = g2.t() @ rest[0]
+                grad_w = weight_grad(g2, rest[0], weight)
             else:
                 x_s, extra = rest[0], tuple(rest[1:]) or None
-                grad_w = ctx.sketch.weighted_product(g2, x_s, extra, ctx.k, ctx.seed)
-        return grad_x, grad_w, grad_b, None, None, None
+                grad_w = ctx.sketch.weighted_product(g2, x_s, extra, ctx.k, ctx.seed).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def randomized_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,

@@ -16,11 +16,12 @@ RandomizedLinear's, see linear.draw_seed) from torch's RNG on every call, with o
 reproducible under torch.manual_seed and activation checkpointing replays the same RNG stream.
 
 Sharing. Several layers often read one tensor, one after the other (the Q, K and V projections of
-attention). The last quantized input is kept in a one-entry cache, so those layers save one packed copy
-between them instead of one each; an in-place change of the tensor (its version counter), another tensor,
-or a different bits/group_size/rounding makes a new one. The entry is replaced by the next quantization and
-dropped at the first backward that reads it, so a tensor fed again in a later step is quantized afresh, and
-at most one quantized input outlives its layers' saved tensors (under non-reentrant checkpointing).
+attention). The quantized input goes into the one-slot cache of fewbit_dist.functional.shared_input, so
+those layers save one packed copy between them instead of one each; an in-place change of the tensor (its
+version counter), another tensor, or a different bits/group_size/rounding makes a new one. A layer also
+takes the saved form its input's producer offers (a converted norm or gated MLP), exact or lossy. The
+quantized tensor is the one the layer reads, before any autocast cast, so under torch.autocast Q/K/V still
+share one copy; the Parameter, not autocast's weight copy, is saved and recast in backward.
 
 Quantization math runs in float32 for every input dtype (fp64 inputs too); non-finite inputs give
 non-finite group ranges and a meaningless grad_W, as they would for nn.Linear.
@@ -28,6 +29,7 @@ non-finite group ranges and a meaningless grad_W, as they would for nn.Linear.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -37,7 +39,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..ops.native import quantize_pack, row_chunk, unpack_dequantize
-from .linear import apply_linear_function, draw_seed, exact_input_and_bias_grads
+from . import shared_input
+from .linear import apply_linear_function, draw_seed, exact_input_and_bias_grads, linear_forward, weight_grad
 
 __all__ = ["low_bit_linear", "quantize_input", "dequantize_input", "QuantizedInput", "group_ranges",
            "check_lowbit_args", "ROUNDINGS", "DEFAULT_GROUP_SIZE"]
@@ -75,8 +78,8 @@ def group_ranges(x2: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Te
     return lo, scale
 
 
-@dataclass
-class QuantizedInput:
+@dataclass(eq=False)
+class QuantizedInput(shared_input.SavedInput):
     """A [rows, cols] input quantized for backward: packed codes plus float32 per-group lo and scale."""
 
     packed: torch.Tensor
@@ -85,9 +88,18 @@ class QuantizedInput:
     bits: int
     group_size: int
     cols: int
+    exact = False
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.lo, self.scale))
+    def tensors(self):
+        return (self.packed, self.lo, self.scale)
+
+    def restorer(self):
+        return functools.partial(_restore_quantized, self.bits, self.cols, self.group_size)
+
+
+def _restore_quantized(bits, cols, group_size, tensors, dtype):
+    packed, lo, scale = tensors
+    return unpack_dequantize(packed, lo, scale, bits, cols, group_size, dtype)
 
 
 def quantize_input(x2: torch.Tensor, bits: int, group_size: int, rounding: str = "stochastic",
@@ -122,48 +134,23 @@ def dequantize_input(q: QuantizedInput, dtype: torch.dtype) -> torch.Tensor:
     return unpack_dequantize(q.packed, q.lo, q.scale, q.bits, q.cols, q.group_size, dtype)
 
 
-# The last quantized input, for the layers that read the same tensor next (see "Sharing" above): a single
-# slot, so at most one quantized input outlives its layers' saved tensors (under non-reentrant checkpointing
-# or saved-tensor hooks that move saved tensors elsewhere), and only until the next layer quantizes. It is
-# keyed by the input's memory (storage address, offset, shape, strides, dtype, version), not by the Python
-# object: DeepSpeed ZeRO-3 hands each submodule its own alias of the same tensor. The entry holds the
-# storage, so the address cannot be reused by another tensor while the key lives.
-_last: list = [None]  # (key, storage, QuantizedInput)
-
-
-def _share_key(x: torch.Tensor, bits, group_size, rounding) -> tuple:
-    return (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()),
-            x.dtype, x._version, bits, group_size, rounding)
-
-
-def _shared_quantize(x: torch.Tensor, x2: torch.Tensor, key: tuple, bits, group_size, rounding,
-                     seed) -> QuantizedInput:
-    last = _last[0]
-    if last is not None and last[0] == key:
-        return last[2]
-    q = quantize_input(x2, bits, group_size, rounding, seed)
-    _last[0] = (key, x.untyped_storage(), q)
-    return q
-
-
-def _forget(key: tuple) -> None:
-    if _last[0] is not None and _last[0][0] == key:
-        _last[0] = None
-
-
 class _LowBitLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, bits, group_size, rounding, seed):
-        y = F.linear(x, weight, bias)
-        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+    def forward(ctx, x, weight, bias, dtype, bits, group_size, rounding, seed):
+        y = linear_forward(ctx, x, weight, bias, dtype)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         if not ctx.needs_input_grad[1]:  # no weight gradient: keep only what grad_x needs
+            ctx.share_key = None
             ctx.save_for_backward(weight)
             return y
-        x2 = x.reshape(-1, x.shape[-1])
-        ctx.share_key = _share_key(x, bits, group_size, rounding)
-        q = _shared_quantize(x, x2, ctx.share_key, bits, group_size, rounding, seed)
-        ctx.meta = (q.bits, q.group_size, q.cols)
-        ctx.save_for_backward(weight, q.packed, q.lo, q.scale)
+        # Quantize the tensor the layer reads (before any autocast cast), once for all its readers.
+        tag = (bits, group_size, rounding)
+        key, saved = shared_input.take(x, exact=False, tag=tag)
+        if saved is None:
+            saved = quantize_input(x.detach().reshape(-1, x.shape[-1]), bits, group_size, rounding, seed)
+            key = shared_input.offer(x, saved, tag=tag)
+        ctx.share_key, ctx.restore = key, saved.restorer()
+        ctx.save_for_backward(weight, *saved.tensors())
         return y
 
     @staticmethod
@@ -171,15 +158,12 @@ class _LowBitLinearFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         weight, *rest = ctx.saved_tensors
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x, grad_b = exact_input_and_bias_grads(ctx, g2, weight)
+        grad_x, grad_b = exact_input_and_bias_grads(ctx, g2, weight, ctx.bias_dtype)
         grad_w = None
         if ctx.needs_input_grad[1]:
-            _forget(ctx.share_key)
-            packed, lo, scale = rest
-            bits, group_size, cols = ctx.meta
-            x_hat = unpack_dequantize(packed, lo, scale, bits, cols, group_size, g2.dtype)
-            grad_w = g2.t() @ x_hat
-        return grad_x, grad_w, grad_b, None, None, None, None
+            shared_input.forget(ctx.share_key)
+            grad_w = weight_grad(g2, ctx.restore(rest, g2.dtype), weight)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 def low_bit_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, bits: int = 4,

@@ -1,0 +1,136 @@
+"""One saved copy per tensor, however many layers read it.
+
+Several layers of a transformer block read the same tensor one after the other: Q, K and V read the
+attention norm's output, gate and up read the MLP norm's output, the down projection reads the gated
+product. Each of them needs (a copy of) that tensor for its weight gradient. Saving it once per reader
+triples the bytes; under torch.autocast it is worse, since every reader casts its input to bf16 first and
+saves its own cast.
+
+This module holds the last *saved input* in a single slot: what a layer saved for the tensor it read, keyed
+by that tensor's memory (device, storage address, offset, shape, strides, dtype, version counter), not by the
+Python object, because DeepSpeed ZeRO-3 hands each submodule its own alias of one tensor. The next reader of
+the same tensor saves the same storages (so they exist once) and rebuilds the input from them in backward.
+
+A `SavedInput` is the saved form of a [rows, cols] input:
+- exact: the tensor itself, possibly cast (`ExactInput`), or a recipe that recomputes it bit for bit from what
+  its producer saved anyway (a norm rebuilds its output from its saved input and statistics; a gated MLP
+  rebuilds act(gate) * up from gate and up);
+- lossy: low-bit codes (`fewbit_dist.functional.lowbit.QuantizedInput`), or a recipe over lossy parts.
+
+Producers (norms, gated MLPs) `offer` the saved form of their output; consumers (linear layers) `take` it:
+an exact consumer takes only exact forms, a low-bit consumer takes any. The slot is replaced by the next
+offer and emptied by the first backward that reads it, so at most one saved input outlives its layers' own
+saved tensors (under non-reentrant checkpointing), and only until the next layer offers.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Optional, Sequence
+
+import torch
+
+__all__ = ["SavedInput", "ExactInput", "RecomputedInput", "memory_key", "offer", "take", "forget", "clear"]
+
+
+class SavedInput:
+    """The saved form of a [rows, cols] input: `tensors()` are what autograd keeps; `restorer()(tensors, dtype)`
+    rebuilds the input from them (in backward, where the tensors come back from ctx.saved_tensors)."""
+
+    exact: bool = True
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def restorer(self) -> Callable[[Sequence[torch.Tensor], torch.dtype], torch.Tensor]:
+        """`restorer()(tensors, dtype)` rebuilds the input from `tensors()` (as they come back from
+        ctx.saved_tensors). The callable holds no tensor: an autograd context may keep it without
+        keeping tensors outside autograd's saved-tensor hooks (activation checkpointing, offloading)."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+class ExactInput(SavedInput):
+    """The input itself (or its cast), as a [rows, cols] tensor."""
+
+    def __init__(self, x2: torch.Tensor):
+        self.x2 = x2
+
+    def tensors(self):
+        return (self.x2,)
+
+    def restorer(self):
+        return _restore_exact
+
+
+def _restore_exact(tensors, dtype):
+    return tensors[0] if tensors[0].dtype == dtype else tensors[0].to(dtype)
+
+
+class RecomputedInput(SavedInput):
+    """An input rebuilt by `fn(*tensors, dtype=dtype)` from tensors its producer keeps anyway. `exact`: whether
+    `fn` rebuilds it bit for bit (then an exact consumer may take it). `fn` must hold no tensor (pass
+    everything it needs in `saved`)."""
+
+    def __init__(self, saved: Sequence[torch.Tensor], fn: Callable[..., torch.Tensor], exact: bool):
+        self.saved, self.fn, self.exact = tuple(saved), fn, exact
+
+    def tensors(self):
+        return self.saved
+
+    def restorer(self):
+        fn = self.fn
+        return lambda tensors, dtype: fn(*tensors, dtype=dtype)
+
+
+def memory_key(x: torch.Tensor, *extra) -> tuple:
+    """What identifies the contents of `x` while it lives: its memory and version counter (+ `extra`)."""
+    return (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()),
+            x.dtype, x._version, *extra)
+
+
+# The slot is per thread: two threads running forwards (a data loader warm-up, a test runner) must not
+# hand each other their inputs.
+_local = threading.local()
+
+
+def _slot():
+    return getattr(_local, "entry", None)
+
+
+def offer(x: torch.Tensor, saved: SavedInput, tag=None) -> tuple:
+    """Make `saved` the saved form of tensor `x` for the next reader; returns its key. The entry holds x's
+    storage, so the address cannot be reused by another tensor while the key lives. `tag` separates forms
+    of one tensor that are not interchangeable (e.g. different quantization settings)."""
+    key = memory_key(x, tag)
+    _local.entry = (key, x.untyped_storage(), saved)
+    return key
+
+
+def take(x: torch.Tensor, exact: bool, tag=None) -> tuple[Optional[tuple], Optional[SavedInput]]:
+    """(key, saved form) of `x` if the slot holds one (an exact one when `exact`, or one offered with `tag`),
+    else (None, None)."""
+    entry = _slot()
+    if entry is None:
+        return None, None
+    key, _, saved = entry
+    if exact and not saved.exact:
+        return None, None
+    if key[-1] is not None and key[-1] != tag:
+        return None, None
+    if key[:-1] != memory_key(x):
+        return None, None
+    return key, saved
+
+
+def forget(key: Optional[tuple]) -> None:
+    """Empty the slot if it still holds `key` (the first backward that reads an entry drops it)."""
+    entry = _slot()
+    if key is not None and entry is not None and entry[0] == key:
+        _local.entry = None
+
+
+def clear() -> None:
+    _local.entry = None
