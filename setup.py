@@ -1,5 +1,7 @@
 """fewbit_dist: few-bit activation derivatives and compressed saved tensors for distributed PyTorch training.
 
+Package data: the native sources (the repository's csrc/, installed as fewbit_dist/csrc so that an installed
+package can JIT-build them), the presets (fewbit_dist/presets/*.json) and the built-in tables.
 The native kernels in csrc/ are JIT-built at first use through DeepSpeed OpBuilders (fewbit_dist/ops). To
 build them at install time instead: `FEWBIT_BUILD_OPS=1 pip install --no-build-isolation .` (CPU kernels, plus
 the CUDA ones when torch is a CUDA build and nvcc is found). DeepSpeed imports torch while it builds, so
@@ -46,8 +48,15 @@ setup(
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
     python_requires=">=3.10",
-    packages=find_packages(include=["fewbit_dist", "fewbit_dist.*"]),
-    package_data={"fewbit_dist.quant": ["builtin_tables.json"]},
+    # csrc/ lives at the repository root; it is installed as the data-only package fewbit_dist.csrc
+    packages=find_packages(include=["fewbit_dist", "fewbit_dist.*"]) + ["fewbit_dist.csrc"],
+    package_dir={"fewbit_dist.csrc": "csrc"},
+    package_data={
+        "fewbit_dist": ["presets/*.json"],
+        "fewbit_dist.presets": ["*.json"],
+        "fewbit_dist.quant": ["builtin_tables.json"],
+        "fewbit_dist.csrc": ["README.md", "include/fewbit/*.h", "cpu/*.cpp", "cuda/*.cpp", "cuda/*.cu"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "numpy>=1.24"],

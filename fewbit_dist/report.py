@@ -38,6 +38,51 @@ def _tool(cmd: list[str]) -> str:
     return lines[-1].strip() if cmd[0] == "nvcc" and lines else (lines[0].strip() if lines else "?")
 
 
+def registered_ops() -> list[str]:
+    """The native ops registered with torch.library (namespace `fewbit`), by qualified name."""
+    from . import ops  # noqa: F401  (registers them)
+
+    return sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fewbit::"))
+
+
+def _sources() -> str:
+    from .ops import builder
+
+    try:
+        return str(builder.find_csrc())
+    except FileNotFoundError as exc:
+        return f"missing ({exc})"
+
+
+def _build_dir() -> str:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    return f"{root} (TORCH_EXTENSIONS_DIR)" if root else f"{get_default_build_root()} (default; TORCH_EXTENSIONS_DIR)"
+
+
+def _first_line(error) -> str:
+    return (error or "").splitlines()[0][:160] if error else ""
+
+
+def _op_status(device: str, op: str, mode: str) -> str:
+    """How `op` runs on `device`: natively from the loaded module, or on the reference (and why)."""
+    from .ops import native
+
+    if mode == "0":
+        return "reference (FEWBIT_NATIVE=0)"
+    state = native.native_state(device)
+    if not state["tried"]:
+        if device == "cuda" and not torch.cuda.is_available():
+            return "not loaded: no CUDA device (CUDA tensors would JIT-build csrc/cuda at first use)"
+        return "not loaded yet (run without --no-build to build it)"
+    if not state["loaded"]:
+        return f"reference: the native module failed to build ({_first_line(state['error'])})"
+    if not hasattr(native.native_module(device), op.split("::", 1)[1]):
+        return "reference: the built native module has no such function"
+    return f"native ({state['source']}), in use"
+
+
 def report(build: bool = True) -> str:
     from .ops import native
 
@@ -52,37 +97,23 @@ def report(build: bool = True) -> str:
         f"c++ compiler ....... {_tool(['c++', '--version'])}",
         f"nvcc ............... {_tool(['nvcc', '--version'])}",
         f"ninja .............. {_tool(['ninja', '--version'])}",
+        f"native sources ..... {_sources()}",
+        f"JIT build folder ... {_build_dir()}",
         f"FEWBIT_NATIVE ...... {mode or 'unset (native if it builds, else the reference)'}",
     ]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if build and mode != "0":
-        try:
-            native.native_module("cpu")
-        except Exception as exc:  # FEWBIT_NATIVE=1 and a failed build: report it, do not die
-            lines.append(f"  (load failed: {exc})")
-    state = native.native_state()
-    if mode == "0":
-        cpu = "disabled by FEWBIT_NATIVE=0: the pure-PyTorch reference is in use"
-    elif not state["tried"]:
-        cpu = "not loaded yet (run without --no-build to build it)"
-    elif state["loaded"]:
-        cpu = f"built ({state['source']}), compatible, in use"
-    else:
-        cpu = f"failed to build: the reference is in use ({(state['error'] or '').splitlines()[0][:160]})"
-    if not torch.cuda.is_available():
-        cuda = "no CUDA device: not loaded (CUDA tensors would JIT-build csrc/cuda at first use)"
-    elif build and mode != "0":
-        try:
-            native.native_module("cuda")
-        except Exception as exc:
-            lines.append(f"  (cuda load failed: {exc})")
-        cstate = native.native_state("cuda")
-        cuda = (f"built ({cstate['source']}), compatible, in use" if cstate["loaded"]
-                else f"failed to build: the reference is in use ({(cstate['error'] or '').splitlines()[0][:160]})")
-    else:
-        cuda = "not loaded"
-    lines += ["native ops:",
-              f"  cpu  fewbit::encode_pack, fewbit::unpack_scale ... {cpu}",
-              f"  cuda fewbit::encode_pack, fewbit::unpack_scale ... {cuda}"]
+        for device in devices:
+            try:
+                native.native_module(device)
+            except Exception as exc:  # FEWBIT_NATIVE=1 and a failed build: report it, do not die
+                lines.append(f"  ({device} load failed: {_first_line(str(exc))})")
+    ops = registered_ops()
+    width = max(len(op) for op in ops) + 4
+    lines.append("native ops (torch.library):")
+    for device in ("cpu", "cuda"):
+        for op in ops:
+            lines.append(f"  {device:<5}{op + ' ':.<{width}} {_op_status(device, op, mode)}")
     return "\n".join(lines)
 
 

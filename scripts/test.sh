@@ -10,4 +10,10 @@ cd "$root"
 if [ "${FEWBIT_CHECK_CUDA:-${CI:+1}}" = "1" ]; then
   bash "$root/scripts/check_cuda_build.sh"
 fi
+# CI also builds the wheel, installs it outside the source tree and runs the smoke test from an empty folder
+# (FEWBIT_CHECK_WHEEL=1 asks for it elsewhere, 0 skips it); tests/test_packaging.py then need not repeat it.
+if [ "${FEWBIT_CHECK_WHEEL:-${CI:+1}}" = "1" ]; then
+  bash "$root/scripts/wheel_smoke.sh"
+  export FEWBIT_WHEEL_SMOKE_PASSED=1
+fi
 exec "${FEWBIT_VENV:-$root/.venv}/bin/python" -m pytest -m "slow or not slow" "$@"

@@ -1,31 +1,49 @@
 """How the native kernels are built: a DeepSpeed OpBuilder (JIT with ninja, cached), or, without DeepSpeed,
 torch.utils.cpp_extension.load with the same sources and flags. Imported only when native ops are first
-needed: it imports DeepSpeed."""
+needed: it imports DeepSpeed.
+
+The sources ship inside the package (fewbit_dist/csrc, package data that setup.py maps from the repository's
+csrc/); a source checkout (editable install) has them at the repository root instead. Builds go where torch puts
+JIT extensions (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), never into the package, so a read-only
+install builds too."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["CSRC", "cpu_sources", "cuda_sources", "include_paths", "CPU_CXX_ARGS", "cpu_builder", "cuda_builder",
-           "jit_load_cpu", "jit_load_cuda", "build_cuda_extension", "clear_stale_lock"]
+__all__ = ["find_csrc", "cpu_sources", "cuda_sources", "include_paths", "CPU_CXX_ARGS", "cpu_builder",
+           "cuda_builder", "jit_load_cpu", "jit_load_cuda", "build_cuda_extension", "clear_stale_lock"]
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPU_CXX_ARGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]  # no FMA: the reference's bytes
 CPU_NAME = "fewbit_dist_cpu_ops"  # unique: DeepSpeed caches loaded ops by NAME
 CUDA_NAME = "fewbit_dist_cuda_ops"
 DEFAULT_CUDA_ARCHS = "8.0;9.0"  # A100, H100/H200; override with TORCH_CUDA_ARCH_LIST
 
 
+def find_csrc() -> Path:
+    """The folder of the native sources: the installed package's `csrc` (package data), else the repository's
+    `csrc/` beside the package (a source checkout or an editable install)."""
+    package = Path(__file__).resolve().parents[1]
+    candidates = (package / "csrc", package.parent / "csrc")
+    for root in candidates:
+        if (root / "cpu" / "fewbit_cpu.cpp").is_file():
+            return root
+    raise FileNotFoundError("fewbit_dist: the native sources are missing (looked for cpu/fewbit_cpu.cpp in "
+                            f"{' and '.join(str(c) for c in candidates)}); reinstall the package, or set "
+                            "FEWBIT_NATIVE=0 to use the pure-PyTorch reference")
+
+
 def cpu_sources() -> list[str]:
-    return [str(CSRC / "cpu" / "fewbit_cpu.cpp")]
+    return [str(find_csrc() / "cpu" / "fewbit_cpu.cpp")]
 
 
 def cuda_sources() -> list[str]:
-    return [str(CSRC / "cuda" / "binding.cpp"), str(CSRC / "cuda" / "fewbit_cuda.cu")]
+    csrc = find_csrc()
+    return [str(csrc / "cuda" / "binding.cpp"), str(csrc / "cuda" / "fewbit_cuda.cu")]
 
 
 def include_paths() -> list[str]:
-    return [str(CSRC / "include")]
+    return [str(find_csrc() / "include")]
 
 
 class _FewBitBuilder:
