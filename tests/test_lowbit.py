@@ -7,46 +7,60 @@ from torch.utils.checkpoint import checkpoint
 
 import fewbit_dist
 from fewbit_dist import LowBitLinear
+from fewbit_dist.functional.linear import draw_seed
 from fewbit_dist.functional.lowbit import (dequantize_input, group_ranges, low_bit_linear, quantize_input)
 from fewbit_dist.memory import SavedTensorMeter
 from fewbit_dist.ops import native
 
 from conftest import TOL
+from utils import assert_product_close, linear_pair, lowbit_saved_nbytes as saved_nbytes, require_native
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
 def pair(n_in, n_out, dtype=torch.float32, **kw):
-    torch.manual_seed(0)
-    lin = LowBitLinear(n_in, n_out, dtype=dtype, **kw)
-    ref = nn.Linear(n_in, n_out, dtype=dtype)
-    ref.load_state_dict(lin.state_dict())
-    return lin, ref
+    return linear_pair(LowBitLinear, n_in, n_out, dtype, **kw)
 
 
-def saved_nbytes(rows, cols, bits, group_size):
-    return math.ceil(rows * cols * bits / 8) + 8 * rows * math.ceil(cols / group_size)
+def written_out_x_hat(x2, bits, group_size, rounding, seed):
+    """The documented dequantized input, written out: lo + clamp(floor((x - lo) / scale + u), 0, 2**bits - 1)
+    * scale in float32, with u = 0.5 (nearest) or the uniforms of a generator seeded with `seed` (one draw of
+    [rows, cols]: inputs of up to one row chunk)."""
+    rows, cols = x2.shape
+    assert rows <= native.row_chunk(cols)
+    lo, scale = group_ranges(x2, bits, group_size)
+    lo, scale = (t.repeat_interleave(group_size, 1)[:, :cols] for t in (lo, scale))
+    u = 0.5 if rounding == "nearest" else torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed))
+    codes = ((x2.float() - lo) / scale + u).floor().clamp(0, 2**bits - 1)
+    return codes * scale + lo
 
 
 @pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
 @pytest.mark.parametrize("shape", [(37, 24), (3, 11, 24), (2, 3, 5, 24)], ids=["2d", "3d", "4d"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64", "bf16", "fp16"])
 def test_exact_parts_are_exact(rounding, shape, dtype):
+    """grad x and grad b are nn.Linear's (same dtype, tolerance table); grad W is g^T x_hat, with x_hat the
+    input quantized as documented (written out here from the layer's seed)."""
     lin, ref = pair(24, 10, dtype, bits=3, group_size=7, rounding=rounding)
     x = torch.randn(shape, dtype=dtype)
     a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    y, y_ref = lin(a), ref(b)
+    torch.manual_seed(4)
+    y = lin(a)
+    torch.manual_seed(4)
+    seed = draw_seed()  # the seed the layer drew
+    y_ref = ref(b)
     assert torch.equal(y, y_ref)  # the forward is F.linear itself
     g = torch.randn_like(y)
     y.backward(g)
     y_ref.backward(g)
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
-    torch.testing.assert_close(lin.bias.grad, ref.bias.grad, rtol=rtol, atol=atol * 10)
+    torch.testing.assert_close(lin.bias.grad, ref.bias.grad, rtol=rtol, atol=atol)
     assert lin.weight.grad.dtype == dtype and lin.weight.grad.shape == ref.weight.grad.shape
-    # grad W = g^T x_hat with x_hat within one step of x in every group
-    rel = (lin.weight.grad.double() - ref.weight.grad.double()).norm() / ref.weight.grad.double().norm()
-    assert rel < 0.5
+    g2 = g.reshape(-1, 10)
+    x_hat = written_out_x_hat(x.reshape(-1, 24), 3, 7, rounding, seed).to(dtype)
+    assert_product_close(lin.weight.grad, g2.t(), x_hat)
+    assert not torch.equal(lin.weight.grad, ref.weight.grad)  # an estimate: x_hat is not x
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -215,14 +229,32 @@ def test_frozen_weight_saves_nothing_but_the_weight():
     assert meter.nbytes == 0 and x.grad is not None and lin.bias.grad is not None
 
 
-def test_autocast_bf16_on_cpu():
-    lin, ref = pair(32, 16, bits=4)
-    x = torch.randn(50, 32, requires_grad=True)
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_autocast_bf16_on_cpu(rounding):
+    """fp32 layer under bf16 autocast: the output and grad x, grad b are nn.Linear's under the same autocast;
+    grad W (fp32, like nn.Linear's) is g^T x_hat in bf16, x_hat quantized from the fp32 tensor the layer reads
+    (before autocast's cast, so that layers reading one tensor share one quantized copy)."""
+    lin, ref = pair(32, 16, bits=4, group_size=8, rounding=rounding)
+    x = torch.randn(50, 32)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, y_ref = lin(x), ref(x)
+        torch.manual_seed(4)
+        y = lin(a)
+        torch.manual_seed(4)
+        seed = draw_seed()
+        y_ref = ref(b)
     assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
-    y.float().sum().backward()
-    assert lin.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    g = torch.randn(50, 16, dtype=torch.bfloat16)
+    y.backward(g)
+    y_ref.backward(g)
+    for p in (a, lin.weight, lin.bias):
+        assert p.grad.dtype == torch.float32
+    rtol, atol = TOL[torch.bfloat16]
+    torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
+    torch.testing.assert_close(lin.bias.grad, ref.bias.grad, rtol=rtol, atol=atol)
+    x_hat = written_out_x_hat(x, 4, 8, rounding, seed).bfloat16()
+    assert_product_close(lin.weight.grad, g.t(), x_hat, dtype=torch.bfloat16)
+    assert_product_close(ref.weight.grad, g.t(), x.bfloat16(), dtype=torch.bfloat16)  # the same check holds for x
 
 
 def test_state_dict_is_nn_linears_both_ways():
@@ -250,9 +282,7 @@ def test_bad_arguments(kwargs, exc, msg):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64", "bf16", "fp16"])
 @pytest.mark.parametrize("bits", [2, 3, 5, 8])
 def test_native_equals_reference(dtype, bits):
-    if not native.native_available("cpu"):
-        pytest.skip("native CPU kernels unavailable")
-    mod = native.native_module("cpu")
+    mod = require_native("cpu")
     torch.manual_seed(bits)
     for rows, cols, gs in [(37, 100, 32), (5, 3, 128), (64, 131, 7), (1, 1, 1), (0, 5, 2)]:
         x = (torch.randn(rows, cols, dtype=torch.float64) * 3).to(dtype)
@@ -278,17 +308,25 @@ def test_ops_opcheck_and_meta():
     assert meta.shape == (math.ceil(180 * 3 / 8),) and meta.dtype == torch.uint8
 
 
-def test_reference_fallback_gives_the_same_gradients(monkeypatch):
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_reference_fallback_gives_the_same_gradients(monkeypatch, rounding):
+    """The native kernels (FEWBIT_NATIVE=1: native or an error) and the reference (FEWBIT_NATIVE=0) give the
+    same weight gradient bit for bit, and it is g^T x_hat with x_hat written out here."""
+    require_native("cpu")
     torch.manual_seed(0)
     x = torch.randn(33, 50)
     w = torch.randn(7, 50, requires_grad=True)
+    g = torch.randn(33, 7)
     grads = []
-    for mode in ("", "0"):
+    for mode in ("1", "0"):
         monkeypatch.setenv("FEWBIT_NATIVE", mode)
         w.grad = None
-        low_bit_linear(x, w, None, bits=3, group_size=16, generator=torch.Generator().manual_seed(1)).sum().backward()
+        gen = torch.Generator().manual_seed(1)
+        low_bit_linear(x, w, None, bits=3, group_size=16, rounding=rounding, generator=gen).backward(g)
         grads.append(w.grad.clone())
     assert torch.equal(*grads)
+    seed = draw_seed(torch.Generator().manual_seed(1))
+    assert_product_close(grads[0], g.t(), written_out_x_hat(x, 3, 16, rounding, seed))
 
 
 def test_sharing_cache_keeps_at_most_one_input_under_checkpointing():
@@ -296,7 +334,7 @@ def test_sharing_cache_keeps_at_most_one_input_under_checkpointing():
     import gc
     import weakref
 
-    from fewbit_dist.functional import lowbit
+    from fewbit_dist.functional import shared_input
 
     torch.manual_seed(0)
     blocks = [(LowBitLinear(32, 32, bits=4), LowBitLinear(32, 32, bits=4)) for _ in range(3)]
@@ -304,7 +342,7 @@ def test_sharing_cache_keeps_at_most_one_input_under_checkpointing():
     h, refs = x, []
     for q, k in blocks:
         h = checkpoint(lambda t, q=q, k=k: q(t) + k(t), h, use_reentrant=False)
-        refs.append(weakref.ref(lowbit._last[0][2].packed))
+        refs.append(weakref.ref(shared_input._slot()[2].packed))
     gc.collect()
     assert [r() is None for r in refs] == [True, True, False]  # only the last block's input is still held
     h.sum().backward()
