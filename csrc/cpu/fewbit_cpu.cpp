@@ -6,6 +6,8 @@
 
 #include <ATen/Parallel.h>
 
+#include <vector>
+
 #include "fewbit/checks.h"
 #include "fewbit/core.h"
 
@@ -235,6 +237,270 @@ torch::Tensor unpack_dequantize(const torch::Tensor& packed, const torch::Tensor
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// The fused group quantizer: group ranges, uniforms, codes and packing in one pass over a [rows, cols] input
+// of any dtype and strides (no copy, no noise tensor). Work is split into blocks of eight rows (8 * cols
+// codes: a whole number of bytes, so no two tasks share a byte). A row is converted to float32 once into a
+// row buffer (it stays in cache), its uniforms are hashed in a plain uint32 loop that vectorizes, then each
+// group's range is taken and its codes computed; the row's codes are streamed into the packed output.
+
+template <int BITS>
+struct CodeStream {  // appends codes to a packed stream that starts on a byte boundary
+  uint8_t* out;
+  uint8_t carry[8];
+  int32_t ncarry = 0;
+
+  void put8(const uint8_t* c) {
+    uint64_t word = 0;
+    for (int32_t j = 0; j < 8; ++j) word |= static_cast<uint64_t>(c[j]) << (j * BITS);
+    for (int32_t k = 0; k < BITS; ++k) out[k] = static_cast<uint8_t>(word >> (8 * k));
+    out += BITS;
+  }
+
+  void push(const uint8_t* codes, int64_t n) {
+    int64_t i = 0;
+    if (ncarry) {
+      while (ncarry < 8 && i < n) carry[ncarry++] = codes[i++];
+      if (ncarry < 8) return;
+      put8(carry);
+      ncarry = 0;
+    }
+    for (; i + 8 <= n; i += 8) put8(codes + i);
+    while (i < n) carry[ncarry++] = codes[i++];
+  }
+
+  void finish() {  // the last, partial unit of the tensor
+    if (!ncarry) return;
+    uint32_t c[8];
+    for (int32_t j = 0; j < ncarry; ++j) c[j] = carry[j];
+    fewbit::pack_group(c, ncarry, BITS, out);
+    ncarry = 0;
+  }
+};
+
+struct RowBuffers {
+  std::vector<float> x, u;
+  std::vector<uint8_t> codes;
+  explicit RowBuffers(int64_t cols, bool stochastic) : x(cols), u(stochastic ? cols : 0), codes(cols) {}
+};
+
+// Min and max of xf[c0, c1) (NaN for both if any value is NaN): eight independent lanes, so the loop
+// vectorizes; the same values as fewbit::group_minmax (min and max do not depend on the order).
+inline void row_group_minmax(const float* xf, int64_t c0, int64_t c1, float* mn, float* mx) {
+  const float inf = fewbit::bits_float(0x7F800000u);
+  float lo[8], hi[8];
+  int32_t nan[8];
+  for (int32_t j = 0; j < 8; ++j) {
+    lo[j] = inf;
+    hi[j] = -inf;
+    nan[j] = 0;
+  }
+  int64_t c = c0;
+  for (; c + 8 <= c1; c += 8) {
+    for (int32_t j = 0; j < 8; ++j) {
+      const float v = xf[c + j];
+      lo[j] = v < lo[j] ? v : lo[j];
+      hi[j] = v > hi[j] ? v : hi[j];
+      nan[j] |= v != v;
+    }
+  }
+  for (int32_t j = 0; c + j < c1; ++j) {
+    const float v = xf[c + j];
+    lo[j] = v < lo[j] ? v : lo[j];
+    hi[j] = v > hi[j] ? v : hi[j];
+    nan[j] |= v != v;
+  }
+  float l = lo[0], h = hi[0];
+  int32_t any = nan[0];
+  for (int32_t j = 1; j < 8; ++j) {
+    l = lo[j] < l ? lo[j] : l;
+    h = hi[j] > h ? hi[j] : h;
+    any |= nan[j];
+  }
+  const float qnan = fewbit::bits_float(0x7FC00000u);
+  *mn = any ? qnan : l;
+  *mx = any ? qnan : h;
+}
+
+template <int BITS, typename T>
+__attribute__((always_inline)) inline void quantize_groups_rows_body(
+    const T* x, int64_t s0, int64_t s1, int64_t r0, int64_t r1, int64_t cols, int64_t group_size, int64_t groups,
+    bool stochastic, fewbit::UniformKey key, float* lo, float* scale, uint8_t* out, RowBuffers& buf) {
+  CodeStream<BITS> stream{out};
+  float* xf = buf.x.data();
+  float* u = buf.u.data();
+  uint8_t* codes = buf.codes.data();
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* row = x + r * s0;
+    if (s1 == 1) {
+      for (int64_t c = 0; c < cols; ++c) xf[c] = static_cast<float>(row[c]);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) xf[c] = static_cast<float>(row[c * s1]);
+    }
+    if (stochastic) {
+      const uint64_t base = static_cast<uint64_t>(r) * static_cast<uint64_t>(cols);
+      const uint32_t lo32 = static_cast<uint32_t>(base);
+      if (static_cast<uint64_t>(lo32) + static_cast<uint64_t>(cols) <= (uint64_t{1} << 32)) {
+        // the counter's high half is the same along the row: pure uint32 arithmetic
+        const uint32_t hik = static_cast<uint32_t>(base >> 32) + key.k1;
+        const uint32_t k0 = key.k0;
+        for (int64_t c = 0; c < cols; ++c) {
+          u[c] = fewbit::uniform24(fewbit::counter_hash(k0, lo32 + static_cast<uint32_t>(c), hik));
+        }
+      } else {
+        for (int64_t c = 0; c < cols; ++c) u[c] = fewbit::uniform_at(key, base + static_cast<uint64_t>(c));
+      }
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t c0 = g * group_size, c1 = std::min(cols, c0 + group_size);
+      float mn, mx;
+      row_group_minmax(xf, c0, c1, &mn, &mx);
+      const float st = fewbit::group_step(mn, mx, BITS);
+      lo[r * groups + g] = mn;
+      scale[r * groups + g] = st;
+      if (stochastic) {
+        for (int64_t c = c0; c < c1; ++c) {
+          codes[c] = static_cast<uint8_t>(fewbit::quantize_affine(xf[c], mn, st, u[c], BITS));
+        }
+      } else {
+        for (int64_t c = c0; c < c1; ++c) {
+          codes[c] = static_cast<uint8_t>(fewbit::quantize_affine(xf[c], mn, st, 0.5f, BITS));
+        }
+      }
+    }
+    stream.push(codes, cols);
+  }
+  stream.finish();
+}
+
+// The same loop compiled twice: for the build's baseline and, where the CPU has it, AVX2 (8-wide integer
+// multiplies for the hash). Both give the same bytes: no fused multiply-add, IEEE float32 either way.
+template <int BITS, typename T>
+void quantize_groups_rows(const T* x, int64_t s0, int64_t s1, int64_t r0, int64_t r1, int64_t cols,
+                          int64_t group_size, int64_t groups, bool stochastic, fewbit::UniformKey key, float* lo,
+                          float* scale, uint8_t* out, RowBuffers& buf) {
+  quantize_groups_rows_body<BITS, T>(x, s0, s1, r0, r1, cols, group_size, groups, stochastic, key, lo, scale, out,
+                                     buf);
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FEWBIT_HAVE_AVX2_PATH 1
+template <int BITS, typename T>
+__attribute__((target("avx2"))) void quantize_groups_rows_avx2(
+    const T* x, int64_t s0, int64_t s1, int64_t r0, int64_t r1, int64_t cols, int64_t group_size, int64_t groups,
+    bool stochastic, fewbit::UniformKey key, float* lo, float* scale, uint8_t* out, RowBuffers& buf) {
+  quantize_groups_rows_body<BITS, T>(x, s0, s1, r0, r1, cols, group_size, groups, stochastic, key, lo, scale, out,
+                                     buf);
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
+// The CUDA kernel's decomposition run serially (spans of `span` elements, their group ranges, then units of
+// eight through fewbit::quantize_unit): the tests run it on the CPU, so the GPU's indexing is checked here.
+template <int BITS, typename T>
+void quantize_groups_spans_serial(const T* x, int64_t s0, int64_t s1, int64_t n, int64_t cols, int64_t group_size,
+                                  int64_t groups, bool stochastic, fewbit::UniformKey key, float* lo, float* scale,
+                                  uint8_t* out, int64_t span) {
+  std::vector<float> slo, ssc;
+  for (int64_t s = 0; s < n; s += span) {
+    const int64_t e = std::min(n, s + span);
+    int64_t g0, g1;
+    fewbit::span_groups(s, e, cols, group_size, groups, &g0, &g1);
+    slo.resize(g1 - g0 + 1);
+    ssc.resize(g1 - g0 + 1);
+    for (int64_t grp = g0; grp <= g1; ++grp) {
+      const int64_t row = grp / groups, c0 = (grp - row * groups) * group_size;
+      float mn, mx;
+      fewbit::group_minmax(x + row * s0, s1, c0, std::min(cols, c0 + group_size), 0, 1, &mn, &mx);
+      slo[grp - g0] = mn;
+      ssc[grp - g0] = fewbit::group_step(mn, mx, BITS);
+      if (row * cols + c0 >= s) {  // the span holding the group's first element writes its entry
+        lo[grp] = mn;
+        scale[grp] = ssc[grp - g0];
+      }
+    }
+    int64_t rs, cs;
+    fewbit::locate(s, cols, &rs, &cs);
+    for (int64_t e0 = s; e0 < e; e0 += 8) {
+      int64_t dr, c;
+      fewbit::locate(cs + (e0 - s), cols, &dr, &c);
+      fewbit::quantize_unit<BITS, T>(x, s0, s1, cols, group_size, groups, e0,
+                                     static_cast<int32_t>(std::min<int64_t>(8, e - e0)), rs + dr, c, slo.data(),
+                                     ssc.data(), g0, stochastic, key, out);
+    }
+  }
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_groups_impl(
+    const torch::Tensor& input, int64_t bits, int64_t group_size, const c10::optional<torch::Tensor>& seed,
+    int64_t span) {
+  check_bits(bits);
+  TORCH_CHECK(input.device().is_cpu(), "fewbit_cpu: tensors must be on the CPU");
+  TORCH_CHECK(input.dim() == 2, "input must be 2-D [rows, cols]");
+  const int64_t rows = input.size(0), cols = input.size(1);
+  const int64_t groups = fewbit::groups_per_row(cols, group_size);
+  const bool stochastic = seed.has_value();
+  fewbit::UniformKey key{0u, 0u};
+  if (stochastic) {
+    TORCH_CHECK(seed->device().is_cpu() && seed->scalar_type() == torch::kLong && seed->numel() == 1,
+                "seed must be a CPU int64 tensor of one element");
+    key = fewbit::uniform_key(seed->contiguous().data_ptr<int64_t>()[0]);
+  }
+  const auto f32 = input.options().dtype(torch::kFloat);
+  auto lo = torch::empty({rows, groups}, f32), scale = torch::empty({rows, groups}, f32);
+  const int64_t n = rows * cols;
+  auto out = torch::empty({fewbit::packed_nbytes(n, static_cast<int32_t>(bits))}, input.options().dtype(torch::kUInt8));
+  if (n == 0) return {out, lo, scale};
+  const int64_t s0 = input.stride(0), s1 = input.stride(1);
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  float* plo = lo.data_ptr<float>();
+  float* psc = scale.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fewbit_quantize_groups", [&] {
+    const scalar_t* src = input.data_ptr<scalar_t>();
+    fewbit::dispatch_bits(bits, [&](auto B) {
+      constexpr int BITS = decltype(B)::value;
+      if (span > 0) {
+        quantize_groups_spans_serial<BITS>(src, s0, s1, n, cols, group_size, groups, stochastic, key, plo, psc, dst,
+                                           span);
+        return;
+      }
+      const int64_t blocks = (rows + 7) / 8;
+      const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (8 * cols));
+      at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+        RowBuffers buf(cols, stochastic);
+        const int64_t r0 = b0 * 8, r1 = std::min(rows, b1 * 8);
+        uint8_t* block = dst + b0 * cols * BITS;  // 8 rows of cols codes fill cols * BITS bytes
+#ifdef FEWBIT_HAVE_AVX2_PATH
+        if (cpu_has_avx2()) {
+          quantize_groups_rows_avx2<BITS>(src, s0, s1, r0, r1, cols, group_size, groups, stochastic, key, plo, psc,
+                                          block, buf);
+          return;
+        }
+#endif
+        quantize_groups_rows<BITS>(src, s0, s1, r0, r1, cols, group_size, groups, stochastic, key, plo, psc, block,
+                                   buf);
+      });
+    });
+  });
+  return {out, lo, scale};
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_groups(
+    const torch::Tensor& input, int64_t bits, int64_t group_size, const c10::optional<torch::Tensor>& seed) {
+  return quantize_groups_impl(input, bits, group_size, seed, 0);
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_groups_spans(
+    const torch::Tensor& input, int64_t bits, int64_t group_size, const c10::optional<torch::Tensor>& seed,
+    int64_t span) {
+  TORCH_CHECK(span >= 8 && span % 8 == 0, "span must be a positive multiple of 8, got ", span);
+  return quantize_groups_impl(input, bits, group_size, seed, span);
+}
+
 // The indexing arithmetic, exposed so tests can check it past 2^31 bits without allocating that much.
 std::tuple<int64_t, int64_t> bit_position(int64_t element, int64_t bits) {
   check_bits(bits);
@@ -250,5 +516,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unpack_scale", &unpack_scale, "levels[code] * grad, computed in the compute dtype");
   m.def("quantize_pack", &quantize_pack, "group-affine codes of a [rows, cols] input, packed at bits per element");
   m.def("unpack_dequantize", &unpack_dequantize, "lo + code * scale as a [rows, cols] tensor of dtype");
+  m.def("quantize_groups", &quantize_groups,
+        "(packed, lo, scale): group ranges, codes (stochastic from a seed, or nearest) and packing in one pass");
+  m.def("quantize_groups_spans", &quantize_groups_spans,
+        "quantize_groups through the CUDA kernel's decomposition into spans, run serially (for tests)");
   m.def("bit_position", &bit_position, "(byte, shift) of an element's first bit");
 }

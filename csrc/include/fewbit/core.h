@@ -141,12 +141,13 @@ FEWBIT_HD float add_rn(float a, float b) { return a + b; }
 FEWBIT_HD float mul_rn(float a, float b) { return a * b; }
 #endif
 
+// Branch-free, so loops over elements vectorize: t below 1 or NaN gives 0, t at or above qmax gives qmax,
+// and in between truncation is floor.
 FEWBIT_HD uint32_t quantize_affine(float x, float lo, float scale, float u, int32_t bits) {
   const float t = add_rn(div_rn(sub_rn(x, lo), scale), u);
   const float qmax = static_cast<float>((1u << bits) - 1u);
-  if (!(t >= 1.0f)) return 0u;  // below the first step, or NaN
-  if (t >= qmax) return static_cast<uint32_t>(qmax);
-  return static_cast<uint32_t>(t);  // truncation is floor for t >= 1
+  const float above = t >= 1.0f ? t : 0.0f;  // NaN compares false: 0
+  return static_cast<uint32_t>(static_cast<int32_t>(above < qmax ? above : qmax));
 }
 
 FEWBIT_HD float dequantize_affine(uint32_t code, float lo, float scale) {
@@ -157,6 +158,172 @@ FEWBIT_HD float dequantize_affine(uint32_t code, float lo, float scale) {
 FEWBIT_HD int64_t group_index(int64_t element, int64_t cols, int64_t group_size, int64_t groups_per_row) {
   const int64_t row = element / cols;
   return row * groups_per_row + (element - row * cols) / group_size;
+}
+
+}  // namespace fewbit
+
+// ---------------------------------------------------------------------------------------------------------
+// The fused group quantizer (quantize_groups): group ranges, counter-based uniforms and the per-unit loop
+// shared by the CPU kernel and the CUDA kernel.
+//
+// Ranges. lo = min and hi = max of a group's values converted to float32 (conversion is monotone, so this is
+// the float32 rounding of the min and max in the input dtype); a NaN anywhere makes both NaN. The step is
+// (hi - lo) / (2^bits - 1) rounded up by one ulp (so hi stays inside the last step), or 1 when hi > lo
+// fails (a constant group, or NaN): exactly fewbit_dist.functional.lowbit.group_ranges on the CPU.
+//
+// Uniforms. Element (r, c) of a [rows, cols] input has the counter i = r * cols + c. With the 64-bit seed
+// split into halves (s_lo, s_hi) and i into (i_lo, i_hi), all arithmetic modulo 2^32:
+//     k0 = mix32(s_lo ^ 0x9E3779B9),  k1 = mix32(s_hi ^ 0x85EBCA6B) ^ k0           (once per call)
+//     h  = mix32(mix32(i_lo ^ k0) ^ (i_hi + k1)),   u = (h >> 8) * 2^-24 in [0, 1)     (per element)
+// mix32 is a 32-bit integer finalizer (xorshift-multiply, two rounds). u has 24 random bits, exactly a
+// float32, so no noise tensor is ever stored: the uniform of an element is recomputed from (seed, i).
+// The pure-PyTorch reference (fewbit_dist/ops/reference.py) runs the same integer arithmetic.
+
+namespace fewbit {
+
+FEWBIT_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+struct UniformKey {
+  uint32_t k0, k1;
+};
+
+FEWBIT_HD UniformKey uniform_key(int64_t seed) {
+  const uint64_t s = static_cast<uint64_t>(seed);
+  const uint32_t k0 = mix32(static_cast<uint32_t>(s & 0xFFFFFFFFull) ^ 0x9E3779B9u);
+  const uint32_t k1 = mix32(static_cast<uint32_t>(s >> 32) ^ 0x85EBCA6Bu) ^ k0;
+  return UniformKey{k0, k1};
+}
+
+// h for the counter whose halves are (lo32, hi32); callers pass hi32 + k1 precomputed as `hik`.
+FEWBIT_HD uint32_t counter_hash(uint32_t k0, uint32_t lo32, uint32_t hik) {
+  return mix32(mix32(lo32 ^ k0) ^ hik);
+}
+
+FEWBIT_HD float uniform24(uint32_t h) {
+  return static_cast<float>(h >> 8) * 5.9604644775390625e-08f;  // 2^-24: exact
+}
+
+FEWBIT_HD float uniform_at(UniformKey key, uint64_t i) {
+  return uniform24(counter_hash(key.k0, static_cast<uint32_t>(i), static_cast<uint32_t>(i >> 32) + key.k1));
+}
+
+// min / max that return NaN when either operand is NaN (as torch.aminmax does).
+FEWBIT_HD float nan_min(float a, float b) { return (a < b || a != a) ? a : b; }
+FEWBIT_HD float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
+FEWBIT_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  __builtin_memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+FEWBIT_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  __builtin_memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+// nextafter(s, +inf) for s in [-0, +inf] or NaN (the only values a step can take).
+FEWBIT_HD float next_up(float s) {
+  if (!(s < bits_float(0x7F800000u))) return s;        // +inf or NaN
+  if (s == 0.0f) return bits_float(1u);                // the smallest denormal, from +0 or -0
+  return bits_float(float_bits(s) + 1u);               // s > 0: the next representable value
+}
+
+FEWBIT_HD float group_step(float lo, float hi, int32_t bits) {
+  const float step = next_up(div_rn(sub_rn(hi, lo), static_cast<float>((1u << bits) - 1u)));
+  return hi > lo ? step : 1.0f;
+}
+
+// Min and max of columns [c0, c1) of one row (`row` points at its first element, `stride` apart), starting
+// at column c0 + lane and stepping by `lanes`: a CUDA warp calls it with (lane, 32) and reduces; the CPU with
+// (0, 1). Columns this lane never visits leave (+inf, -inf), neutral for nan_min / nan_max.
+template <typename T>
+FEWBIT_HD void group_minmax(const T* row, int64_t stride, int64_t c0, int64_t c1, int32_t lane, int32_t lanes,
+                            float* mn, float* mx) {
+  float lo = bits_float(0x7F800000u), hi = -lo;  // +inf, -inf
+  for (int64_t c = c0 + lane; c < c1; c += lanes) {
+    const float v = static_cast<float>(row[c * stride]);
+    lo = nan_min(lo, v);
+    hi = nan_max(hi, v);
+  }
+  *mn = lo;
+  *mx = hi;
+}
+
+// Row and column of flat element `off` (an offset into [rows, cols]): a 32-bit division when both fit, as
+// they do for any realistic width (this runs once per eight elements, never per element).
+FEWBIT_HD void locate(int64_t off, int64_t cols, int64_t* row, int64_t* col) {
+  if (off <= 0xFFFFFFFFll && cols <= 0xFFFFFFFFll) {
+    const uint32_t r = static_cast<uint32_t>(off) / static_cast<uint32_t>(cols);
+    *row = r;
+    *col = off - static_cast<int64_t>(r) * cols;
+  } else {
+    *row = off / cols;
+    *col = off - *row * cols;
+  }
+}
+
+// Group table entry of (row, col): an index into [rows, groups] (one division per eight elements).
+FEWBIT_HD int64_t group_at(int64_t row, int64_t col, int64_t group_size, int64_t groups) {
+  const int64_t g = (col <= 0xFFFFFFFFll && group_size <= 0xFFFFFFFFll)
+                        ? static_cast<int64_t>(static_cast<uint32_t>(col) / static_cast<uint32_t>(group_size))
+                        : col / group_size;
+  return row * groups + g;
+}
+
+// Quantize and pack one unit: `count` (1..8) consecutive flat elements starting at element e0 (a multiple of
+// 8) at (row, col), into out + e0 / 8 * BITS. The group of each element advances by comparison, not division.
+// lo / scale are read at [group - g_base] (the CUDA kernel's shared copy, or the whole table with g_base 0).
+// `stochastic` false: u = 0.5 (round to nearest).
+template <int BITS, typename T>
+FEWBIT_HD void quantize_unit(const T* x, int64_t s0, int64_t s1, int64_t cols, int64_t group_size, int64_t groups,
+                             int64_t e0, int32_t count, int64_t row, int64_t col, const float* lo,
+                             const float* scale, int64_t g_base, bool stochastic, UniformKey key, uint8_t* out) {
+  int64_t grp = group_at(row, col, group_size, groups);
+  int64_t gend = (grp - row * groups + 1) * group_size;  // first column of the next group
+  if (gend > cols) gend = cols;
+  uint32_t codes[8];
+  for (int32_t j = 0; j < count; ++j) {
+    const float u = stochastic ? uniform_at(key, static_cast<uint64_t>(e0 + j)) : 0.5f;
+    codes[j] = quantize_affine(static_cast<float>(x[row * s0 + col * s1]), lo[grp - g_base], scale[grp - g_base], u,
+                               BITS);
+    if (++col == cols) {
+      col = 0;
+      ++row;
+      grp = row * groups;
+      gend = group_size < cols ? group_size : cols;
+    } else if (col == gend) {
+      ++grp;
+      gend = gend + group_size < cols ? gend + group_size : cols;
+    }
+  }
+  pack_group(codes, count, BITS, out + (e0 >> 3) * BITS);
+}
+
+// The range [first, last] of group-table entries that the flat elements [begin, end) touch (end > begin).
+FEWBIT_HD void span_groups(int64_t begin, int64_t end, int64_t cols, int64_t group_size, int64_t groups,
+                           int64_t* first, int64_t* last) {
+  int64_t r, c;
+  locate(begin, cols, &r, &c);
+  *first = group_at(r, c, group_size, groups);
+  locate(end - 1, cols, &r, &c);
+  *last = group_at(r, c, group_size, groups);
 }
 
 }  // namespace fewbit
