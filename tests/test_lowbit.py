@@ -22,17 +22,15 @@ def pair(n_in, n_out, dtype=torch.float32, **kw):
     return linear_pair(LowBitLinear, n_in, n_out, dtype, **kw)
 
 
-def written_out_x_hat(x2, bits, group_size, rounding, seed):
-    """The documented dequantized input, written out: lo + clamp(floor((x - lo) / scale + u), 0, 2**bits - 1)
-    * scale in float32, with u = 0.5 (nearest) or the uniforms of a generator seeded with `seed` (one draw of
-    [rows, cols]: inputs of up to one row chunk)."""
-    rows, cols = x2.shape
-    assert rows <= native.row_chunk(cols)
-    lo, scale = group_ranges(x2, bits, group_size)
-    lo, scale = (t.repeat_interleave(group_size, 1)[:, :cols] for t in (lo, scale))
-    u = 0.5 if rounding == "nearest" else torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed))
-    codes = ((x2.float() - lo) / scale + u).floor().clamp(0, 2**bits - 1)
-    return codes * scale + lo
+def expected_x_hat(x2, bits, group_size, rounding, seed):
+    """The dequantized input the layer's grad W must use. Nearest rounding, written out from the documented
+    formula: lo + clamp(floor((x - lo) / scale + 1/2), 0, 2**bits - 1) * scale in float32. Stochastic rounding:
+    quantize_input with the layer's seed (its rounding is checked on its own: within one step, unbiased)."""
+    if rounding == "stochastic":
+        return dequantize_input(quantize_input(x2, bits, group_size, rounding, seed), torch.float32)
+    cols = x2.shape[1]
+    lo, scale = (t.repeat_interleave(group_size, 1)[:, :cols] for t in group_ranges(x2, bits, group_size))
+    return ((x2.float() - lo) / scale + 0.5).floor().clamp(0, 2**bits - 1) * scale + lo
 
 
 @pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
@@ -40,7 +38,7 @@ def written_out_x_hat(x2, bits, group_size, rounding, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64", "bf16", "fp16"])
 def test_exact_parts_are_exact(rounding, shape, dtype):
     """grad x and grad b are nn.Linear's (same dtype, tolerance table); grad W is g^T x_hat, with x_hat the
-    input quantized as documented (written out here from the layer's seed)."""
+    input quantized as documented (from the layer's seed)."""
     lin, ref = pair(24, 10, dtype, bits=3, group_size=7, rounding=rounding)
     x = torch.randn(shape, dtype=dtype)
     a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
@@ -58,7 +56,7 @@ def test_exact_parts_are_exact(rounding, shape, dtype):
     torch.testing.assert_close(lin.bias.grad, ref.bias.grad, rtol=rtol, atol=atol)
     assert lin.weight.grad.dtype == dtype and lin.weight.grad.shape == ref.weight.grad.shape
     g2 = g.reshape(-1, 10)
-    x_hat = written_out_x_hat(x.reshape(-1, 24), 3, 7, rounding, seed).to(dtype)
+    x_hat = expected_x_hat(x.reshape(-1, 24), 3, 7, rounding, seed).to(dtype)
     assert_product_close(lin.weight.grad, g2.t(), x_hat)
     assert not torch.equal(lin.weight.grad, ref.weight.grad)  # an estimate: x_hat is not x
 
@@ -252,7 +250,7 @@ def test_autocast_bf16_on_cpu(rounding):
     rtol, atol = TOL[torch.bfloat16]
     torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
     torch.testing.assert_close(lin.bias.grad, ref.bias.grad, rtol=rtol, atol=atol)
-    x_hat = written_out_x_hat(x, 4, 8, rounding, seed).bfloat16()
+    x_hat = expected_x_hat(x, 4, 8, rounding, seed).bfloat16()
     assert_product_close(lin.weight.grad, g.t(), x_hat, dtype=torch.bfloat16)
     assert_product_close(ref.weight.grad, g.t(), x.bfloat16(), dtype=torch.bfloat16)  # the same check holds for x
 
@@ -311,7 +309,7 @@ def test_ops_opcheck_and_meta():
 @pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
 def test_reference_fallback_gives_the_same_gradients(monkeypatch, rounding):
     """The native kernels (FEWBIT_NATIVE=1: native or an error) and the reference (FEWBIT_NATIVE=0) give the
-    same weight gradient bit for bit, and it is g^T x_hat with x_hat written out here."""
+    same weight gradient bit for bit, and it is g^T x_hat."""
     require_native("cpu")
     torch.manual_seed(0)
     x = torch.randn(33, 50)
@@ -326,7 +324,7 @@ def test_reference_fallback_gives_the_same_gradients(monkeypatch, rounding):
         grads.append(w.grad.clone())
     assert torch.equal(*grads)
     seed = draw_seed(torch.Generator().manual_seed(1))
-    assert_product_close(grads[0], g.t(), written_out_x_hat(x, 3, 16, rounding, seed))
+    assert_product_close(grads[0], g.t(), expected_x_hat(x, 3, 16, rounding, seed))
 
 
 def test_sharing_cache_keeps_at_most_one_input_under_checkpointing():

@@ -14,19 +14,18 @@ from fewbit_dist.ops import native
 from fewbit_dist.quant import SMOOTH_FUNCTIONS, table
 
 from conftest import DTYPES, awkward_inputs
-
-mod = native.native_module("cpu")
-needs_native = pytest.mark.skipif(mod is None, reason=f"native kernels did not build: {native.native_state()}")
+from utils import opmath, require_native
 
 
-def opmath(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+@pytest.fixture
+def mod():
+    """The native CPU module: the test fails under CI if it did not build, and is skipped elsewhere."""
+    return require_native("cpu")
 
 
-@needs_native
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("name", sorted(SMOOTH_FUNCTIONS))
-def test_codes_and_gradients_bit_identical(name, bits):
+def test_codes_and_gradients_bit_identical(mod, name, bits):
     tab = table(name, bits)
     for dtype in DTYPES:
         om = opmath(dtype)
@@ -42,12 +41,12 @@ def test_codes_and_gradients_bit_identical(name, bits):
             assert torch.equal(got, native.reference_unpack_scale(packed, levels, g, bits)), (case, dtype)
 
 
-@needs_native
-def test_activations_match_with_and_without_native(monkeypatch):
-    """The whole few-bit GELU, native against FEWBIT_NATIVE=0 (reference), on 1,000,003 elements."""
+def test_activations_match_with_and_without_native(mod, monkeypatch):
+    """The whole few-bit GELU, native (FEWBIT_NATIVE=1: native or an error) against FEWBIT_NATIVE=0
+    (reference), on 1,000,003 elements."""
     x = torch.randn(1_000_003, dtype=torch.float32) * 3
     results = []
-    for mode in ("", "0"):
+    for mode in ("1", "0"):
         monkeypatch.setenv("FEWBIT_NATIVE", mode)
         xi = x.clone().requires_grad_(True)
         fewbit_dist.GELU(bits=3)(xi).backward(torch.ones_like(x))
@@ -55,9 +54,7 @@ def test_activations_match_with_and_without_native(monkeypatch):
     assert torch.equal(*results)
 
 
-def test_bit_position_past_2_to_the_31_bits():
-    if mod is None:
-        pytest.skip("native kernels did not build")
+def test_bit_position_past_2_to_the_31_bits(mod):
     for element, bits in [(2**31, 1), (2**31 + 5, 3), (3 * 2**30 + 7, 7), (2**40 + 3, 8), (2**33 + 1, 5)]:
         byte, shift = mod.bit_position(element, bits)
         assert byte == element * bits // 8 and shift == element * bits % 8
@@ -121,17 +118,61 @@ def test_meta_tensors_estimate_the_saved_size():
     assert packed.shape == (math.ceil(3000 * 3 / 8),) and packed.dtype == torch.uint8
 
 
-def test_torch_compile_of_a_small_model():
+def small_model():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), fewbit_dist.GELU(bits=2), torch.nn.Linear(32, 4))
-    x = torch.randn(8, 16)
-    model(x).sum().backward()
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), fewbit_dist.GELU(bits=2), torch.nn.Linear(32, 4))
+
+
+def test_torch_compile_of_a_small_model():
+    """Graph breaks allowed: the compiled model's output and gradients are the eager model's, bit for bit."""
+    model, x = small_model(), torch.randn(8, 16)
+    y = model(x)
+    y.sum().backward()
     eager = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
-    compiled(x).sum().backward()
+    y_c = torch.compile(model, backend="aot_eager", fullgraph=False)(x)
+    y_c.sum().backward()
+    torch.testing.assert_close(y_c, y, rtol=0, atol=0)
     for a, p in zip(eager, model.parameters()):
-        torch.testing.assert_close(p.grad, a)
+        torch.testing.assert_close(p.grad, a, rtol=0, atol=0)
+
+
+ONE_GRAPH = """
+import torch
+import fewbit_dist
+
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(16, 32), fewbit_dist.GELU(bits=2), torch.nn.Linear(32, 4))
+x = torch.randn(8, 16)
+try:  # compiled first, as a user would: nothing of the few-bit GELU is cached yet
+    y_c = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+except torch._dynamo.exc.Unsupported as exc:
+    raise SystemExit("GRAPH BREAK: " + str(exc).splitlines()[0])
+y_c.sum().backward()
+grads = [p.grad.clone() for p in model.parameters()]
+model.zero_grad()
+y = model(x)
+y.sum().backward()
+torch.testing.assert_close(y_c, y, rtol=0, atol=0)
+for a, p in zip(grads, model.parameters()):
+    torch.testing.assert_close(a, p.grad, rtol=0, atol=0)
+"""
+
+
+class GraphBreak(Exception):
+    pass
+
+
+@pytest.mark.xfail(strict=True, raises=GraphBreak,
+                   reason="the few-bit activation fills its tensor cache inside its autograd.Function on first use, "
+                          "a side effect dynamo refuses in one graph; being made to compile as one graph")
+def test_torch_compile_of_a_small_model_in_one_graph():
+    """fullgraph=True in a fresh process (nothing cached, as for a user), then output and gradients equal to
+    eager's bit for bit. Any failure but the graph break fails the test."""
+    out = subprocess.run([sys.executable, "-c", ONE_GRAPH], capture_output=True, text=True, timeout=600)
+    if "GRAPH BREAK" in out.stderr:
+        raise GraphBreak(out.stderr.strip().splitlines()[-1])
+    assert out.returncode == 0, out.stderr[-3000:]
 
 
 def test_report_says_what_is_built_and_in_use(monkeypatch):
