@@ -72,3 +72,30 @@ def test_lowbit_linear_and_dropout_on_cuda():
     assert meter.nbytes == 1000 * 256 // 2 + 8 * 1000 * 2 + (1000 * 64 + 7) // 8 + 2 * 4
     y.sum().backward()
     assert torch.isfinite(lin.weight.grad).all() and x.grad is not None
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cuda_quantize_groups_matches_the_reference(bits, dtype):
+    """The fused one-pass quantizer on the GPU: the reference's bytes, lo and scale, nearest and stochastic, the
+    seed on the CPU or on the GPU, contiguous or not, spans that cut groups and rows (kSpan = 4096 elements)."""
+    mod = native.native_module("cuda")
+    assert mod is not None, native.native_state("cuda")
+    torch.manual_seed(bits)
+    seed = torch.tensor([0x0123_4567_89AB_CDEF])
+    cases = [(37, 100, 32), (5, 3, 128), (640, 131, 7), (0, 5, 2), (3, 9000, 128), (257, 4096, 128), (64, 1000, 3000)]
+    for rows, cols, gs in cases:
+        x = (torch.randn(rows, cols, dtype=torch.float64) * 3).to(dtype)
+        if rows * cols > 100:
+            x.view(-1)[77] = float("nan")
+        for xin in (x, x.t().contiguous().t()):
+            for s in (None, seed, seed.cuda()):
+                want = native.reference_quantize_groups(xin, bits, gs, None if s is None else seed)
+                got = mod.quantize_groups(xin.cuda(), bits, gs, s)
+                assert torch.equal(got[0].cpu(), want[0]), (rows, cols, gs)
+                assert torch.equal(got[1].cpu().nan_to_num(), want[1].nan_to_num()), (rows, cols, gs)
+                assert torch.equal(got[2].cpu(), want[2]), (rows, cols, gs)
+    x = torch.randn(300, 200, device="cuda")
+    packed, lo, scale = native.quantize_groups(x, 4, 64, seed.cuda())  # through the op, seed on the device
+    back = native.unpack_dequantize(packed, lo, scale, 4, 200, 64, torch.float32)
+    assert ((back - x).abs() <= scale.repeat_interleave(64, 1)[:, :200] * 1.0001).all()
