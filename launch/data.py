@@ -208,7 +208,7 @@ def causal_lm_data(path, tokenizer, seq_len: int, seed: int = 0, eval_fraction: 
     column = _column(rows, text_column, ("text", "content", "document"), "text")
     eos = tokenizer.eos_token_id
     stream = []
-    for text in rows[column]:
+    for text in list(rows[column]):
         stream += tokenizer(text, add_special_tokens=False)["input_ids"]
         if eos is not None:
             stream.append(eos)
@@ -234,11 +234,12 @@ def classification_data(path, tokenizer, seq_len: int, seed: int = 0, eval_fract
     second = {"sentence": "sentence2", "sentence1": "sentence2", "question": "answer"}.get(first, "text_pair")
     second = second if second in rows.column_names else None
     label = _column(rows, label_column, ("label", "labels"), "label")
-    names = sorted(set(rows[label]))
-    enc = tokenizer(rows[first], rows[second] if second else None, padding="max_length", truncation=True,
-                    max_length=seq_len, return_tensors="pt")
+    labels = list(rows[label])
+    names = sorted(set(labels))
+    enc = tokenizer(list(rows[first]), list(rows[second]) if second else None, padding="max_length",
+                    truncation=True, max_length=seq_len, return_tensors="pt")
     full = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-            "labels": torch.tensor([names.index(v) for v in rows[label]], dtype=torch.long)}
+            "labels": torch.tensor([names.index(v) for v in labels], dtype=torch.long)}
     n = len(full["labels"])
     k = _held_out_count(n, eval_fraction)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + 5))

@@ -65,10 +65,10 @@ from fewbit_dist.integrations.distributed import init_distributed
 from fewbit_dist.memory import SavedTensorMeter, peak_memory_bytes, reset_peak_memory
 
 if __package__:  # python -m launch.train
-    from .data import NAMED, SentencePairTask, causal_lm_data, classification_data, read_rows
+    from .data import NAMED, SentencePairTask, causal_lm_data, classification_data, read_rows, resolve_data
     from .strategies import OPTIMIZERS, PRECISIONS, deepspeed_config, make_strategy
 else:  # python launch/train.py: Python puts launch/ first on sys.path
-    from data import NAMED, SentencePairTask, causal_lm_data, classification_data, read_rows
+    from data import NAMED, SentencePairTask, causal_lm_data, classification_data, read_rows, resolve_data
     from strategies import OPTIMIZERS, PRECISIONS, deepspeed_config, make_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,11 +102,29 @@ def read_json(path, option: str):
         raise SystemExit(f"{option} {path}: not valid JSON: {exc}") from None
 
 
+def preset_api():
+    """fewbit_dist.presets (presets found by name in the package), or None in a version without it."""
+    try:
+        from fewbit_dist import presets
+    except ImportError:
+        return None
+    return presets
+
+
 def preset_names() -> list[str]:
-    presets = getattr(fewbit_dist, "presets", None)
-    if presets is not None and hasattr(presets, "list_presets"):
+    presets = preset_api()
+    if presets is not None:
         return list(presets.list_presets())
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_preset(name: str) -> "fewbit_dist.FewBitConfig":
+    if hasattr(fewbit_dist.FewBitConfig, "from_preset"):
+        return fewbit_dist.FewBitConfig.from_preset(name)
+    presets = preset_api()
+    if presets is not None:
+        return presets.load_preset(name)
+    return fewbit_dist.FewBitConfig.load(str(PRESET_DIR / f"{name}.json"))  # the shipped preset files
 
 
 def resolve_fewbit(value, option: str = "--fewbit") -> "fewbit_dist.FewBitConfig":
@@ -125,10 +143,8 @@ def resolve_fewbit(value, option: str = "--fewbit") -> "fewbit_dist.FewBitConfig
         if Path(value).is_file():
             return fewbit_dist.FewBitConfig.load(value)
         names = preset_names()
-        if value in names and hasattr(fewbit_dist.FewBitConfig, "from_preset"):
-            return fewbit_dist.FewBitConfig.from_preset(value)
-        if value in names:  # the shipped preset files, until presets resolve by name in the package
-            return fewbit_dist.FewBitConfig.load(str(PRESET_DIR / f"{value}.json"))
+        if value in names:
+            return load_preset(value)
         if value == "vanilla":
             return fewbit_dist.FewBitConfig(activation_bits=None)
         raise SystemExit(f"{option}: {value!r} is not a file, inline JSON or a preset; presets: "
@@ -283,11 +299,22 @@ def make_exporter(model, tokenizer):
     return export
 
 
+def check_run(cfg, task: str, strategy_name: str) -> None:
+    """What the run cannot do, refused before anything is built."""
+    if cfg["data"]["task"] == "embedded" and task != "classification":
+        raise SystemExit(f"the embedded task trains a sequence classifier, not a {task} model: pass --data FILE")
+    if strategy_name == "fsdp2" and cfg["training"]["precision"] == "fp16":
+        raise SystemExit("--fp16 with --fsdp: FSDP2 has no fp16 loss scaling on this path; use bf16 (--bf16)")
+    if cfg["data"]["task"] == "text":
+        try:
+            resolve_data(cfg["data"]["path"])
+        except FileNotFoundError as exc:
+            raise SystemExit(str(exc)) from None
+
+
 def make_data(cfg, task: str, tokenizer, vocab_size: int):
     d, t = cfg["data"], cfg["training"]
     if d["task"] == "embedded":
-        if task != "classification":
-            raise SystemExit(f"the embedded task trains a sequence classifier, not a {task} model: pass --data FILE")
         return SentencePairTask(vocab_size, t["seq_len"], seed=t["seed"], topics=d["topics"], focus=d["focus"],
                                 examples=d["examples"])
     if tokenizer is None:
@@ -407,6 +434,9 @@ def main(argv=None) -> int:
     tcfg = cfg["training"]
     steps = args.max_steps or tcfg["steps"]
 
+    task = model_task(cfg)
+    check_run(cfg, task, "deepspeed" if args.deepspeed_config else "fsdp2" if args.fsdp else "ddp")
+
     use_cuda = torch.cuda.is_available()
     info = init_distributed(device="cuda" if use_cuda else "cpu")
     device = torch.device("cuda", info.local_rank) if use_cuda else torch.device("cpu")
@@ -433,7 +463,6 @@ def main(argv=None) -> int:
     else:
         strategy_name = "ddp" if info.world_size > 1 else "single"
 
-    task = model_task(cfg)
     model, tokenizer = build_model(cfg, task, ds_config, num_labels=label_count(cfg, task))
     data = make_data(cfg, task, tokenizer, model.config.vocab_size)
     described = describe_model(cfg, model, task)
