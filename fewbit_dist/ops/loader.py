@@ -2,7 +2,8 @@
 
 Environment variable FEWBIT_NATIVE:
 - unset: use the native kernels if they load (a prebuilt module, else a JIT build through the DeepSpeed
-  OpBuilder, cached by torch under TORCH_EXTENSIONS_DIR); if they cannot be built, warn once and use the
+  OpBuilder, or torch.utils.cpp_extension with the same sources where DeepSpeed is not installed, cached by
+  torch under TORCH_EXTENSIONS_DIR); if they cannot be built, warn once and use the
   reference. CPU tensors use the CPU kernels, CUDA tensors the CUDA ones (csrc/cuda, built for
   TORCH_CUDA_ARCH_LIST, default 8.0;9.0);
 - "0": always the reference;
@@ -30,6 +31,25 @@ def _mode() -> str:
     return mode
 
 
+def _jit_load(jit: str):
+    """(module, source) from the builder's `jit` function; without DeepSpeed, the CUDA kernels are built by
+    torch.utils.cpp_extension from the same sources (builder.jit_load_cpu already does so for the CPU)."""
+    from . import builder
+
+    try:
+        return getattr(builder, jit)(), "jit"
+    except ImportError as exc:
+        if jit != "jit_load_cuda" or "deepspeed" not in str(exc):
+            raise
+    from torch.utils.cpp_extension import load
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", builder.DEFAULT_CUDA_ARCHS)
+    builder.clear_stale_lock(builder.CUDA_NAME)
+    module = load(name=builder.CUDA_NAME, sources=builder.cuda_sources(), extra_include_paths=builder.include_paths(),
+                  extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=["-O3", "-lineinfo"])
+    return module, "jit (cpp_extension)"
+
+
 def native_module(device_type: str = "cpu"):
     """The loaded native module for `device_type` ("cpu" or "cuda"), or None (reference). Loads on first call."""
     if device_type not in _LOADERS or _mode() == "0":
@@ -44,10 +64,7 @@ def native_module(device_type: str = "cpu"):
                     state["module"] = importlib.import_module(prebuilt)
                     state["source"] = "prebuilt"
                 except ImportError:
-                    from . import builder
-
-                    state["module"] = getattr(builder, jit)()
-                    state["source"] = "jit"
+                    state["module"], state["source"] = _jit_load(jit)
             except Exception as exc:  # a compiler or header problem: fall back, say so once
                 state["error"] = f"{type(exc).__name__}: {exc}"
                 if _mode() == "1":
