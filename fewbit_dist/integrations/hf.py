@@ -3,9 +3,12 @@ and PEFT. Each framework is imported only when a function here needs it.
 
 Trainer: convert, then hand the model to Trainer; it wraps it (DeepSpeed, FSDP, DDP) after conversion, the
 order convert needs. For ZeRO-3 build the TrainingArguments first: while they live, from_pretrained builds the
-model already partitioned (deepspeed.zero.Init), and convert works on that model as on any other.
+model already partitioned (deepspeed.zero.Init), and convert works on that model as on any other. On CPU
+(`use_cpu=True`) Trainer leaves DeepSpeed's communication layer to be started later, so zero.Init would see a
+world of one: call `init_deepspeed_comm()` before from_pretrained.
 
     args = TrainingArguments(out, deepspeed="configs/ds/zero2.json", bf16=True, ...)  # or fsdp="full_shard"
+    init_deepspeed_comm()                                                   # DeepSpeed on CPU
     model, tokenizer = load_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf")  # dequantized, trainable
     model = fewbit_dist.convert(model, config)
     Trainer(model=model, args=args, train_dataset=..., eval_dataset=...).train()
@@ -34,7 +37,7 @@ from torch import nn
 from ..config import ConfigLike
 from ..convert import convert
 
-__all__ = ["TASKS", "infer_task", "load_pretrained", "mark_unquantized", "prepare"]
+__all__ = ["TASKS", "infer_task", "init_deepspeed_comm", "load_pretrained", "mark_unquantized", "prepare"]
 
 TASKS = ("causal-lm", "classification")
 
@@ -113,6 +116,14 @@ def load_pretrained(path, task: Optional[str] = None, *, dtype: torch.dtype = to
         if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
             model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, task
+
+
+def init_deepspeed_comm(backend: Optional[str] = None) -> None:
+    """Start deepspeed.comm on the process group of this launch (torchrun's environment; gloo on CPU, nccl on
+    CUDA unless `backend` says otherwise). Idempotent."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"))
 
 
 def prepare(accelerator, model: nn.Module, *objects, fewbit_config: ConfigLike = None):
