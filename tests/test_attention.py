@@ -6,6 +6,8 @@ import torch
 from fewbit_dist.functional.attention import scaled_dot_product_attention, sdpa_or_fewbit
 from fewbit_dist.memory import SavedTensorMeter
 
+from conftest import TOL
+
 
 def reference(q, k, v, mask, p, is_causal, scale, seed):
     """Attention written out with autograd, the dropout noise drawn as torch draws it."""
@@ -66,19 +68,30 @@ def test_saves_q_k_v_and_one_bit_per_probability():
     out.sum().backward()
 
 
-def test_gqa_and_no_dropout_paths():
+@pytest.mark.parametrize("p", [0.0, 0.5])
+@pytest.mark.parametrize("fn", [scaled_dot_product_attention, sdpa_or_fewbit])
+def test_gqa_and_no_dropout_paths(fn, p):
+    """Grouped-query attention (4 query heads read 2 key/value heads: heads 2i and 2i+1 read head i), with and
+    without dropout, through both entry points (on the CPU sdpa_or_fewbit is ours with dropout, torch's
+    without), against attention written out: output and gradients."""
     torch.manual_seed(1)
-    q = torch.randn(2, 4, 5, 8, requires_grad=True)
-    k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    assert torch.equal(scaled_dot_product_attention(q, k, v, dropout_p=0.0, enable_gqa=True), want)
-    torch.manual_seed(2)
-    a = scaled_dot_product_attention(q, k, v, dropout_p=0.5, enable_gqa=True)
-    torch.manual_seed(2)
-    b = reference(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), None, 0.5, False, 8 ** -0.5, 2)
-    torch.testing.assert_close(a, b)
-    # on CUDA, or without dropout, sdpa_or_fewbit is torch's
-    assert torch.equal(sdpa_or_fewbit(q, k, v, dropout_p=0.0, enable_gqa=True), want)
+    q = torch.randn(2, 4, 5, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    g = torch.randn(2, 4, 5, 8, dtype=torch.float64)
+    results = []
+    for path in ("ours", "written out"):
+        for t in (q, k, v):
+            t.grad = None
+        if path == "ours":
+            torch.manual_seed(2)
+            out = fn(q, k, v, dropout_p=p, enable_gqa=True)
+        else:  # without dropout the reference's noise is all ones
+            out = reference(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), None, p, False, 8 ** -0.5, 2)
+        out.backward(g)
+        results.append([out.detach(), q.grad, k.grad, v.grad])
+    rtol, atol = TOL[torch.float64]
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
 def test_bad_arguments():
