@@ -21,9 +21,11 @@ PEFT: convert the PeftModel (after get_peft_model), not the bare base model: a L
 (peft.tuners.lora.Linear) keeps its frozen `base_layer` and its adapters `lora_A` / `lora_B` as nn.Linear
 children, and convert swaps each. A frozen base layer needs no input for its weight gradient, so its
 LowBitLinear saves nothing but the Parameter; lora_A reads the same tensor as the base layer and saves it
-low-bit, one copy shared by every adapter reading that tensor (q, k and v); lora_B saves lora_A's small
-output low-bit. Adapter checkpoints are PEFT's own (`save_pretrained`, `PeftModel.from_pretrained`): the
-state dict keys do not change.
+low-bit; lora_B saves lora_A's small output low-bit. (Adapters that read one tensor, such as those of q, k
+and v, each keep their own low-bit copy of it for now: the shared saved-input slot of
+fewbit_dist.functional.shared_input holds one entry, and each lora_B's input replaces it.) Adapter checkpoints
+are PEFT's own (`save_pretrained`, `PeftModel.from_pretrained`): the state dict keys do not change, and they
+load into a converted or an unconverted base model.
 """
 
 from __future__ import annotations
