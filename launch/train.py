@@ -65,10 +65,12 @@ from fewbit_dist.integrations.distributed import init_distributed
 from fewbit_dist.memory import SavedTensorMeter, peak_memory_bytes, reset_peak_memory
 
 if __package__:  # python -m launch.train
-    from .data import NAMED, SentencePairTask, causal_lm_data, classification_data, read_rows, resolve_data
+    from .data import (LABEL_COLUMNS, NAMED, SentencePairTask, causal_lm_data, classification_data, label_names,
+                       resolve_data)
     from .strategies import OPTIMIZERS, PRECISIONS, deepspeed_config, make_strategy
 else:  # python launch/train.py: Python puts launch/ first on sys.path
-    from data import NAMED, SentencePairTask, causal_lm_data, classification_data, read_rows, resolve_data
+    from data import (LABEL_COLUMNS, NAMED, SentencePairTask, causal_lm_data, classification_data, label_names,
+                      resolve_data)
     from strategies import OPTIMIZERS, PRECISIONS, deepspeed_config, make_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,8 +254,7 @@ def model_task(cfg) -> str:
             return task
     if d["task"] == "embedded":
         return "classification"
-    labelled = {"label", d["label_column"]} & set(read_rows(d["path"]).column_names)
-    return "classification" if labelled else "causal-lm"
+    return "causal-lm" if label_names(d["path"], d["label_column"]) is None else "classification"
 
 
 _HF_DS_CONFIG = None  # transformers reads the live ZeRO-3 config through a weak reference: keep it alive
@@ -336,11 +337,11 @@ def label_count(cfg, task: str):
         return None
     if d["task"] == "embedded":
         return 2
-    column = d["label_column"] or "label"
-    rows = read_rows(d["path"])
-    if column not in rows.column_names:
-        raise SystemExit(f"data {d['path']}: no label column {column!r} for a classifier (set data.label_column)")
-    return len(set(rows[column]))
+    names = label_names(d["path"], d["label_column"])
+    if names is None:
+        raise SystemExit(f"data {d['path']}: no label column ({d['label_column'] or ', '.join(LABEL_COLUMNS)}) for a "
+                         "classifier (set data.label_column)")
+    return len(names)
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -475,7 +476,9 @@ def main(argv=None) -> int:
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     start = strategy.load(Path(args.resume)) if args.resume else 0
-    eval_kw = {"examples": cfg["data"]["eval_examples"] or EMBEDDED_EVAL_EXAMPLES} if cfg["data"]["task"] == "embedded" else {}
+    eval_kw = {}
+    if cfg["data"]["task"] == "embedded":  # a fixed held-out set of fresh examples
+        eval_kw["examples"] = cfg["data"]["eval_examples"] or EMBEDDED_EVAL_EXAMPLES
 
     def held_out_loss():
         return evaluate(strategy, data.eval_batches(tcfg["batch_size"], info.rank, info.world_size, **eval_kw), device)

@@ -57,7 +57,8 @@ def test_lora_layers_keep_only_what_the_adapters_need(base):
     vanilla, converted = lora(base), lora(base, convert=fewbit_preset())
     layer, ref = first_q_proj(converted), first_q_proj(vanilla)
     # convert swapped the frozen base layer and the adapters; PEFT still sees Linear layers
-    assert isinstance(layer.base_layer, fewbit_dist.LowBitLinear) and isinstance(layer.lora_A["default"], torch.nn.Linear)
+    assert isinstance(layer.base_layer, fewbit_dist.LowBitLinear)
+    assert isinstance(layer.lora_A["default"], torch.nn.Linear)
     x = torch.randn(2, 32, HIDDEN, requires_grad=True)
     with SavedTensorMeter(layer) as base_only:  # frozen weight: no input kept for a weight gradient
         layer.base_layer(x)
