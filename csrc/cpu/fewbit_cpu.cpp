@@ -185,17 +185,9 @@ torch::Tensor quantize_pack(const torch::Tensor& input, const torch::Tensor& lo,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fewbit_quantize_pack", [&] {
     const scalar_t* src = x.data_ptr<scalar_t>();
     at::parallel_for(0, (n + 7) / 8, kGrain, [&](int64_t g0, int64_t g1) {
-      uint32_t codes[8];
       for (int64_t g = g0; g < g1; ++g) {
-        const int64_t first = g * 8;
-        const int32_t count = static_cast<int32_t>(std::min<int64_t>(8, n - first));
-        for (int32_t j = 0; j < count; ++j) {
-          const int64_t e = first + j;
-          const int64_t gi = fewbit::group_index(e, cols, group_size, groups);
-          const float u = pu ? pu[e] : 0.5f;
-          codes[j] = fewbit::quantize_affine(static_cast<float>(src[e]), plo[gi], psc[gi], u, b);
-        }
-        fewbit::pack_group(codes, count, b, dst + g * b);
+        fewbit::quantize_pack_unit(src, pu, g * 8, static_cast<int32_t>(std::min<int64_t>(8, n - g * 8)), b, cols,
+                                   group_size, groups, plo, psc, dst);
       }
     });
   });
@@ -222,15 +214,9 @@ torch::Tensor unpack_dequantize(const torch::Tensor& packed, const torch::Tensor
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fewbit_unpack_dequantize", [&] {
     scalar_t* dst = out.data_ptr<scalar_t>();
     at::parallel_for(0, (n + 7) / 8, kGrain, [&](int64_t g0, int64_t g1) {
-      uint32_t codes[8];
       for (int64_t g = g0; g < g1; ++g) {
-        const int64_t first = g * 8;
-        const int32_t count = static_cast<int32_t>(std::min<int64_t>(8, n - first));
-        fewbit::unpack_group(src + g * b, count, b, codes);
-        for (int32_t j = 0; j < count; ++j) {
-          const int64_t gi = fewbit::group_index(first + j, cols, group_size, groups);
-          dst[first + j] = static_cast<scalar_t>(fewbit::dequantize_affine(codes[j], plo[gi], psc[gi]));
-        }
+        fewbit::dequantize_unit(src, g * 8, static_cast<int32_t>(std::min<int64_t>(8, n - g * 8)), b, cols,
+                                group_size, groups, plo, psc, dst);
       }
     });
   });

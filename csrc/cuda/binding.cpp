@@ -8,11 +8,15 @@ torch::Tensor quantize_pack_cuda(const torch::Tensor& input, const torch::Tensor
                                  const c10::optional<torch::Tensor>& noise, int64_t bits, int64_t group_size);
 torch::Tensor unpack_dequantize_cuda(const torch::Tensor& packed, const torch::Tensor& lo, const torch::Tensor& scale,
                                      int64_t bits, int64_t cols, int64_t group_size, at::ScalarType dtype);
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_groups_cuda(
+    const torch::Tensor& input, int64_t bits, int64_t group_size, const c10::optional<torch::Tensor>& seed);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fewbit_dist CUDA kernels";
   m.def("encode_pack", &encode_pack_cuda, "codes of input against borders, packed at bits per element");
   m.def("unpack_scale", &unpack_scale_cuda, "levels[code] * grad, computed in the compute dtype");
   m.def("quantize_pack", &quantize_pack_cuda, "group-affine codes of a [rows, cols] input, packed at bits per element");
+  m.def("quantize_groups", &quantize_groups_cuda,
+        "(packed, lo, scale): group ranges, codes (stochastic from a seed, or nearest) and packing in one pass");
   m.def("unpack_dequantize", &unpack_dequantize_cuda, "lo + code * scale as a [rows, cols] tensor of dtype");
 }

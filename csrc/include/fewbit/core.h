@@ -154,12 +154,6 @@ FEWBIT_HD float dequantize_affine(uint32_t code, float lo, float scale) {
   return add_rn(mul_rn(static_cast<float>(code), scale), lo);
 }
 
-// Group of element (row, col) in the [rows, groups_per_row] tables of lo and scale.
-FEWBIT_HD int64_t group_index(int64_t element, int64_t cols, int64_t group_size, int64_t groups_per_row) {
-  const int64_t row = element / cols;
-  return row * groups_per_row + (element - row * cols) / group_size;
-}
-
 }  // namespace fewbit
 
 // ---------------------------------------------------------------------------------------------------------
@@ -287,22 +281,18 @@ FEWBIT_HD int64_t group_at(int64_t row, int64_t col, int64_t group_size, int64_t
   return row * groups + g;
 }
 
-// Quantize and pack one unit: `count` (1..8) consecutive flat elements starting at element e0 (a multiple of
-// 8) at (row, col), into out + e0 / 8 * BITS. The group of each element advances by comparison, not division.
-// lo / scale are read at [group - g_base] (the CUDA kernel's shared copy, or the whole table with g_base 0).
-// `stochastic` false: u = 0.5 (round to nearest).
-template <int BITS, typename T>
-FEWBIT_HD void quantize_unit(const T* x, int64_t s0, int64_t s1, int64_t cols, int64_t group_size, int64_t groups,
-                             int64_t e0, int32_t count, int64_t row, int64_t col, const float* lo,
-                             const float* scale, int64_t g_base, bool stochastic, UniformKey key, uint8_t* out) {
-  int64_t grp = group_at(row, col, group_size, groups);
-  int64_t gend = (grp - row * groups + 1) * group_size;  // first column of the next group
-  if (gend > cols) gend = cols;
-  uint32_t codes[8];
-  for (int32_t j = 0; j < count; ++j) {
-    const float u = stochastic ? uniform_at(key, static_cast<uint64_t>(e0 + j)) : 0.5f;
-    codes[j] = quantize_affine(static_cast<float>(x[row * s0 + col * s1]), lo[grp - g_base], scale[grp - g_base], u,
-                               BITS);
+// Walks flat elements of a [rows, cols] input from (row, col), keeping the group-table entry of the current
+// element: the group advances by comparison, never by a division per element.
+struct GroupCursor {
+  int64_t row, col, grp, gend;  // gend: first column of the next group
+
+  FEWBIT_HD GroupCursor(int64_t r, int64_t c, int64_t group_size, int64_t groups, int64_t cols) : row(r), col(c) {
+    grp = group_at(r, c, group_size, groups);
+    gend = (grp - r * groups + 1) * group_size;
+    if (gend > cols) gend = cols;
+  }
+
+  FEWBIT_HD void next(int64_t cols, int64_t group_size, int64_t groups) {
     if (++col == cols) {
       col = 0;
       ++row;
@@ -313,7 +303,60 @@ FEWBIT_HD void quantize_unit(const T* x, int64_t s0, int64_t s1, int64_t cols, i
       gend = gend + group_size < cols ? gend + group_size : cols;
     }
   }
+};
+
+// The position of flat element `element` (64-bit division only past 2^32 elements): its cursor.
+FEWBIT_HD GroupCursor cursor_at(int64_t element, int64_t cols, int64_t group_size, int64_t groups) {
+  int64_t r, c;
+  locate(element, cols, &r, &c);
+  return GroupCursor(r, c, group_size, groups, cols);
+}
+
+// Quantize and pack one unit: `count` (1..8) consecutive flat elements starting at element e0 (a multiple of
+// 8) at the cursor's (row, col), into out + e0 / 8 * BITS. lo / scale are read at [group - g_base] (the CUDA
+// kernel's shared copy, or the whole table with g_base 0). `stochastic` false: u = 0.5 (round to nearest).
+template <int BITS, typename T>
+FEWBIT_HD void quantize_unit(const T* x, int64_t s0, int64_t s1, int64_t cols, int64_t group_size, int64_t groups,
+                             int64_t e0, int32_t count, int64_t row, int64_t col, const float* lo,
+                             const float* scale, int64_t g_base, bool stochastic, UniformKey key, uint8_t* out) {
+  GroupCursor at(row, col, group_size, groups, cols);
+  uint32_t codes[8];
+  for (int32_t j = 0; j < count; ++j) {
+    const float u = stochastic ? uniform_at(key, static_cast<uint64_t>(e0 + j)) : 0.5f;
+    codes[j] = quantize_affine(static_cast<float>(x[at.row * s0 + at.col * s1]), lo[at.grp - g_base],
+                               scale[at.grp - g_base], u, BITS);
+    at.next(cols, group_size, groups);
+  }
   pack_group(codes, count, BITS, out + (e0 >> 3) * BITS);
+}
+
+// quantize_pack's unit: the codes of elements e0 .. e0 + count - 1 (e0 a multiple of 8) of a contiguous input
+// against given tables, with uniforms `noise` (per element) or 0.5.
+template <typename T>
+FEWBIT_HD void quantize_pack_unit(const T* x, const float* noise, int64_t e0, int32_t count, int32_t bits,
+                                  int64_t cols, int64_t group_size, int64_t groups, const float* lo,
+                                  const float* scale, uint8_t* out) {
+  GroupCursor at = cursor_at(e0, cols, group_size, groups);
+  uint32_t codes[8];
+  for (int32_t j = 0; j < count; ++j) {
+    const float u = noise != nullptr ? noise[e0 + j] : 0.5f;
+    codes[j] = quantize_affine(static_cast<float>(x[e0 + j]), lo[at.grp], scale[at.grp], u, bits);
+    at.next(cols, group_size, groups);
+  }
+  pack_group(codes, count, bits, out + (e0 >> 3) * bits);
+}
+
+// unpack_dequantize's unit: lo + code * scale for elements e0 .. e0 + count - 1 (e0 a multiple of 8).
+template <typename T>
+FEWBIT_HD void dequantize_unit(const uint8_t* packed, int64_t e0, int32_t count, int32_t bits, int64_t cols,
+                               int64_t group_size, int64_t groups, const float* lo, const float* scale, T* out) {
+  GroupCursor at = cursor_at(e0, cols, group_size, groups);
+  uint32_t codes[8];
+  unpack_group(packed + (e0 >> 3) * bits, count, bits, codes);
+  for (int32_t j = 0; j < count; ++j) {
+    out[e0 + j] = static_cast<T>(dequantize_affine(codes[j], lo[at.grp], scale[at.grp]));
+    at.next(cols, group_size, groups);
+  }
 }
 
 // The range [first, last] of group-table entries that the flat elements [begin, end) touch (end > begin).
