@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 
@@ -45,3 +47,29 @@ def test_bad_arguments_print_the_usage(tmp_path):
     for args in ((), (str(tmp_path), "--dryrun"), (str(tmp_path), "--dry-run", "x")):
         out = run(*args, timeout=30)
         assert out.returncode == 2 and "usage:" in out.stderr, args
+
+
+def test_cuda_build_without_deepspeed_uses_cpp_extension(monkeypatch):
+    """The script's build step loads the CUDA ops through the loader: where DeepSpeed is missing, the loader
+    builds the same sources with torch.utils.cpp_extension instead of failing."""
+    import torch.utils.cpp_extension as cpp
+
+    from fewbit_dist.ops import builder, loader
+
+    def no_deepspeed():
+        raise ModuleNotFoundError("No module named 'deepspeed'")
+
+    calls = []
+    monkeypatch.setattr(builder, "jit_load_cuda", no_deepspeed)
+    monkeypatch.setattr(builder, "clear_stale_lock", lambda name: None)
+    monkeypatch.setattr(cpp, "load", lambda **kw: calls.append(kw) or "module")
+    assert loader._jit_load("jit_load_cuda") == ("module", "jit (cpp_extension)")
+    assert calls[0]["name"] == builder.CUDA_NAME and calls[0]["sources"] == builder.cuda_sources()
+    assert not any("fast_math" in flag for flag in calls[0]["extra_cuda_cflags"])  # the reference's bytes
+
+    def broken():
+        raise ImportError("cannot import name 'x' from 'somewhere'")
+
+    monkeypatch.setattr(builder, "jit_load_cuda", broken)  # other import errors are not hidden
+    with pytest.raises(ImportError, match="somewhere"):
+        loader._jit_load("jit_load_cuda")
