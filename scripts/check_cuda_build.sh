@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # Compile and link the CUDA extension (csrc/cuda + csrc/include) through fewbit_dist's DeepSpeed OpBuilder,
 # on a machine without a GPU, in an environment of its own (a CUDA build of torch is 5+ GB: it stays out of
-# .venv). A broken .cu or header fails this script. Needs nvcc (CUDA_HOME, default /usr/local/cuda).
+# .venv). A broken .cu or header fails this script. Needs nvcc (CUDA_HOME, default /usr/local/cuda): without
+# it the script fails under CI (CI set, as CI machines have nvcc) and prints SKIPPED elsewhere.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${FEWBIT_CUDA_VENV:-$root/.venv-cuda}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 if [ ! -x "$CUDA_HOME/bin/nvcc" ] && ! command -v nvcc >/dev/null 2>&1; then
-  echo "[cuda-build] SKIPPED: no nvcc on this machine (CUDA_HOME=$CUDA_HOME)"
-  exit 0
+  case "$(printf '%s' "${CI:-}" | tr '[:upper:]' '[:lower:]')" in
+    ""|0|false|no)
+      echo "[cuda-build] SKIPPED: no nvcc on this machine (CUDA_HOME=$CUDA_HOME)"
+      exit 0 ;;
+  esac
+  echo "[cuda-build] FAILED: CI is set but there is no nvcc (CUDA_HOME=$CUDA_HOME); CI must build the CUDA kernels" >&2
+  exit 1
 fi
 log() { printf '[cuda-build] %s\n' "$*" >&2; }
 stamp="$venv/.fewbit-cuda-setup"
