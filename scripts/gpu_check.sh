@@ -56,7 +56,7 @@ if [ "$build_rc" -eq 0 ]; then
 else
   test_rc=skipped
   log "2/3 skipped: the build failed (see $out/build.log); measuring on the reference kernels"
-  export FEWBIT_NATIVE=
+  export FEWBIT_NATIVE=0
 fi
 
 log "3/3 peak memory and step time per preset"
