@@ -209,14 +209,14 @@ def test_data_errors_name_the_problem(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy,precision", [("fsdp", "fp32"), ("zero3", "fp32"), ("fsdp", "bf16"),
-                                                ("zero2", "bf16"), ("ddp", "bf16")])
+                                                ("zero2", "bf16")])
 def test_causal_lm_two_ranks(tiny, strategy, precision, tmp_path):
     """The issue's command: a tiny Qwen2 from save_pretrained, a text file, max-saving, 3 steps on 2 CPU ranks."""
     model_dir, text = tiny
     flags = {"fsdp": ["--fsdp"], "zero3": ["--deepspeed_config", "configs/ds/zero3.json"],
              "zero2": ["--deepspeed_config", "configs/ds/zero2.json"], "ddp": []}[strategy]
     out = tmp_path / "m.json"
-    save = ["--save", tmp_path / "ckpt"] if precision == "fp32" else []
+    save = ["--save", tmp_path / "ckpt"] if (strategy, precision) == ("fsdp", "fp32") else []
     torchrun(TRAIN, "--model", model_dir, "--data", text, "--fewbit", fewbit_preset(), "--max-steps", 3,
              "--batch-size", 2, "--seq-len", 32, "--metrics-out", out, *flags, *save,
              *(["--bf16"] if precision == "bf16" else []))
@@ -236,7 +236,8 @@ def test_causal_lm_two_ranks(tiny, strategy, precision, tmp_path):
 
 @pytest.mark.slow
 def test_single_process_classifier_with_eval_curve(tiny, tmp_path):
-    """--task classification on a labelled JSONL file: a Qwen2 sequence classifier; eval every 2 steps."""
+    """--task classification on a labelled JSONL file: a Qwen2 sequence classifier, bf16 autocast; eval every 2
+    steps."""
     model_dir, _ = tiny
     rows = [{"text": " ".join(random.Random(i).choices(WORDS[:8] if i % 2 else WORDS[8:16], k=8)), "label": i % 2}
             for i in range(64)]
@@ -244,9 +245,10 @@ def test_single_process_classifier_with_eval_curve(tiny, tmp_path):
     out = tmp_path / "m.json"
     run([sys.executable, TRAIN, "--no-progress", "--model", model_dir, "--task", "classification",
          "--data", tmp_path / "d.jsonl", "--fewbit", fewbit_preset(), "--max-steps", 4, "--batch-size", 4,
-         "--seq-len", 16, "--lr", 1e-3, "--eval-every", 2, "--metrics-out", out])
+         "--seq-len", 16, "--lr", 1e-3, "--eval-every", 2, "--bf16", "--metrics-out", out])
     m = finite_metrics(out, world_size=1, steps=4)
     assert m["task"] == "classification" and m["model"]["class"] == "Qwen2ForSequenceClassification"
+    assert m["strategy"] == "single" and m["precision"] == "bf16"
     assert [p["step"] for p in m["eval_curve"]] == [0, 2, 4]
 
 
