@@ -1,14 +1,14 @@
 """Training-step time of converted models against vanilla, side by side on the CPU, per preset.
 
     python launch/bench_step.py                 # RoBERTa-base and SmolLM2 shapes (4 layers), fp32 and bf16 autocast
-    python launch/bench_step.py --quick         # 2 layers, small batches, 3 repeats: a few minutes
+    python launch/bench_step.py --quick         # 2 layers, batches of 2 x 128 tokens, 3 repeats
 
 Every variant (vanilla, then one model per preset, each built from the same seed and converted with
 `fewbit_dist.convert(model, preset)`) runs one forward + backward per round, in turn, after a warm-up round;
 the ratio is the median of the per-round ratios converted / vanilla (benchlib.ratio_stats). A preset that does
 not resolve or does not apply is recorded with its error instead of a time. Rows (long format: machine,
 versions, config, variant, median seconds, ratio) are appended to results/step/results.json and the run's
-table is written to results/step/results.md.
+table is written to results/step/results.md, after each configuration.
 
 The model shapes (also used by launch/gpu_check.py on a GPU, at full depth and batch):
 - roberta-base: RobertaForSequenceClassification, hidden 768, 12 heads, FFN 3072, vocab 50265, 2 labels;
@@ -166,7 +166,7 @@ def append_json(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2 layers, small batches, 3 repeats")
+    ap.add_argument("--quick", action="store_true", help="2 layers, batches of 2 x 128 tokens, 3 repeats")
     ap.add_argument("--models", default="roberta-base,smollm2")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--presets", default=",".join(PRESETS))
@@ -177,28 +177,26 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     layers = args.layers or (2 if args.quick else 4)
     repeats = args.repeats or (3 if args.quick else 5)
-    batches = {"roberta-base": (4, 128) if args.quick else (16, 128),
-               "smollm2": (2, 256) if args.quick else (4, 512)}
+    batches = {"roberta-base": (2, 128) if args.quick else (16, 128),
+               "smollm2": (2, 128) if args.quick else (4, 512)}
     presets = [p for p in args.presets.split(",") if p]
     info = {"machine": machine_info("cpu"), "versions": versions(),
             "command": "python launch/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    for dtype in args.dtypes.split(","):
+        if dtype not in DTYPES:
+            raise ValueError(f"--dtypes must be among {sorted(DTYPES)}, got {dtype!r}")
     rows = []
     for shape in args.models.split(","):
         for dtype in args.dtypes.split(","):
-            if dtype not in DTYPES:
-                raise ValueError(f"--dtypes must be among {sorted(DTYPES)}, got {dtype!r}")
             b, s = batches[shape]
-            rows += bench_config(shape, dtype, layers, b, s, presets, repeats)
-            print(markdown(rows[-1 - len(presets):]), flush=True)
-    for r in rows:
-        r.update(info)
-    table = markdown(rows)
-    print(table)
-    if not args.no_save:
-        append_json(rows, args.out / "results.json")
-        (args.out / "results.md").write_text(
-            f"# Step time, converted / vanilla (CPU)\n\n`{info['command']}`, torch {torch.__version__}, "
-            f"{info['machine']['threads']} threads, {info['machine']['date']}\n\n{table}")
+            new = [r | info for r in bench_config(shape, dtype, layers, b, s, presets, repeats)]
+            rows += new
+            print(markdown(new), flush=True)
+            if not args.no_save:  # saved as it goes: a long run that is stopped keeps what it measured
+                append_json(new, args.out / "results.json")
+                (args.out / "results.md").write_text(
+                    f"# Step time, converted / vanilla (CPU)\n\n`{info['command']}`, torch {torch.__version__}, "
+                    f"{info['machine']['threads']} threads, {info['machine']['date']}\n\n{markdown(rows)}")
     return 0
 
 
