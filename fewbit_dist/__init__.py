@@ -9,11 +9,11 @@ Importing the package imports torch only: no DeepSpeed, no transformers, no CUDA
 
 __version__ = "0.1.0"
 
-from . import functional, memory, quant, util  # noqa: E402,F401
+from . import functional, memory, presets, quant, util  # noqa: E402,F401
 from .config import FewBitConfig  # noqa: E402
 from .convert import ConversionReport, conversion_report, convert  # noqa: E402
 from .nn.dropout import Dropout  # noqa: E402
-from .nn.linear import LowBitLinear, RandomizedLinear  # noqa: E402
+from .nn.linear import ExactLinear, LowBitLinear, RandomizedLinear  # noqa: E402
 from .nn.activations import (  # noqa: E402
     CELU, ELU, GELU, SELU, FewBitActivation, Hardshrink, Hardsigmoid, Hardswish, Hardtanh, LeakyReLU, LogSigmoid,
     Mish, ReLU, ReLU6, Sigmoid, SiLU, Softplus, Softshrink, Softsign, Tanh, Tanhshrink, Threshold,
@@ -26,7 +26,7 @@ PIECEWISE_ACTIVATIONS = ("ReLU", "LeakyReLU", "Threshold", "Hardsigmoid", "Hardt
 
 __all__ = [
     "__version__", "convert", "conversion_report", "ConversionReport", "FewBitConfig", "FewBitActivation",
-    "RandomizedLinear", "LowBitLinear", "Dropout",
+    "RandomizedLinear", "LowBitLinear", "ExactLinear", "Dropout", "presets",
     "functional", "memory", "quant", "util", "SMOOTH_ACTIVATIONS", "PIECEWISE_ACTIVATIONS",
     *SMOOTH_ACTIVATIONS, *PIECEWISE_ACTIVATIONS,
 ]

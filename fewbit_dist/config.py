@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import types
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
@@ -12,13 +14,30 @@ from .functional.lowbit import DEFAULT_GROUP_SIZE, check_lowbit_args
 from .functional.sketch import DEFAULT_SKETCH, sketch_for
 from .nn.linear import check_projection_args
 
-__all__ = ["FewBitConfig", "ConfigLike", "LAYER_FIELDS"]
+__all__ = ["FewBitConfig", "ConfigLike", "LAYER_FIELDS", "SECTIONS"]
 
 # Fields an override may set for the modules it matches. Setting either linear method in an override
 # replaces the linear method of those modules (the other method's fields fall back to their defaults).
 LOWBIT_FIELDS = ("linear_bits", "linear_group_size", "linear_rounding")
 SKETCH_FIELDS = ("proj_dim_ratio", "proj_dim", "proj_dim_min", "proj_dim_max", "sketch")
-LAYER_FIELDS = ("activation_bits", *LOWBIT_FIELDS, *SKETCH_FIELDS, "compress_dropout")
+STRUCTURE_FIELDS = ("exact_linear", "norm_mode", "norm_bits", "gated_mlp_mode", "gated_mlp_bits")
+LAYER_FIELDS = ("activation_bits", *LOWBIT_FIELDS, *SKETCH_FIELDS, "compress_dropout", *STRUCTURE_FIELDS)
+
+STRUCTURE_MODES = ("exact", "compressed")
+
+# The nested form of a config: one small sub-config per kind of module `convert` handles (see SECTIONS and
+# FewBitConfig.section). Each nested key names a flat field; the flat form stays valid and is what
+# keyword overrides use (`convert(model, activation_bits=3)`).
+SECTIONS = {
+    "activations": {"bits": "activation_bits", "convert_transformers": "convert_transformers"},
+    "linear": {"bits": "linear_bits", "group_size": "linear_group_size", "rounding": "linear_rounding",
+               "proj_dim_ratio": "proj_dim_ratio", "proj_dim": "proj_dim", "proj_dim_min": "proj_dim_min",
+               "proj_dim_max": "proj_dim_max", "sketch": "sketch", "exact": "exact_linear"},
+    "dropout": {"compress": "compress_dropout"},
+    "norms": {"mode": "norm_mode", "bits": "norm_bits"},
+    "gated_mlp": {"mode": "gated_mlp_mode", "bits": "gated_mlp_bits"},
+    "loss": {"chunked": "chunked_loss", "chunk_rows": "loss_chunk_rows"},
+}
 
 
 def _patterns(value, name) -> tuple[str, ...]:
@@ -53,6 +72,22 @@ class FewBitConfig:
     linear_group_size: columns per (lo, scale) pair of LowBitLinear (default 128).
     linear_rounding: 'stochastic' (unbiased, default) or 'nearest'.
     compress_dropout: swap nn.Dropout for fewbit_dist.Dropout (a 1-bit saved mask). Default False.
+    exact_linear: every matched nn.Linear that is neither low-bit nor sketched saves the Parameter instead of
+        autocast's weight copy, and one input copy shared with the other layers reading the same tensor (or
+        none, when a converted norm or gated MLP can rebuild it exactly). Gradients unchanged. Default False.
+    norm_mode: None (default), "exact" or "compressed": Hugging Face RMSNorm modules (Llama, Qwen2/3,
+        Mistral, Gemma styles) save their input once plus per-row statistics ("exact", gradients unchanged) or
+        their normalized input at norm_bits ("compressed"); the linear layers reading their output share it.
+    norm_bits: 2..8, for norm_mode "compressed" (default 8).
+    gated_mlp_mode: None (default), "exact" or "compressed": gated MLPs (SwiGLU/GeGLU: Llama, Qwen2/3,
+        Mistral, Gemma) compute act(gate) * up in one op that saves gate and up only ("exact") or at
+        gated_mlp_bits ("compressed"); the down projection shares them instead of saving its input.
+    gated_mlp_bits: 2..8, for gated_mlp_mode "compressed" (default 8).
+    chunked_loss: a Hugging Face *ForCausalLM given labels computes its loss from the hidden states in
+        chunks of loss_chunk_rows rows and returns logits=None (without labels it is unchanged). Default False.
+    loss_chunk_rows: rows per chunk (default 1024).
+    require_matches: every include/exclude/override pattern must match a module (default True). Presets set
+        it False: a preset applies to any model, so its patterns that match nothing are skipped.
     overrides: a list of {"pattern": glob or [globs], <field>: value, ...}: for the modules a pattern matches
         (and their descendants) those fields replace the ones above. Fields: LAYER_FIELDS. An override that
         sets either linear method (linear_bits, or proj_dim_ratio/proj_dim) replaces the linear method: e.g.
@@ -79,6 +114,14 @@ class FewBitConfig:
     linear_group_size: int = DEFAULT_GROUP_SIZE
     linear_rounding: str = "stochastic"
     compress_dropout: bool = False
+    exact_linear: bool = False
+    norm_mode: Union[str, None] = None
+    norm_bits: int = 8
+    gated_mlp_mode: Union[str, None] = None
+    gated_mlp_bits: int = 8
+    chunked_loss: bool = False
+    loss_chunk_rows: int = 1024
+    require_matches: bool = True
     overrides: tuple = ()
 
     def __post_init__(self):
@@ -102,8 +145,18 @@ class FewBitConfig:
                              "linear layer is either low-bit or sketched; choose per layer with `overrides`")
         check_lowbit_args(4 if self.linear_bits is None else self.linear_bits, self.linear_group_size,
                           self.linear_rounding, names=LOWBIT_FIELDS)
-        if not isinstance(self.compress_dropout, bool):
-            raise TypeError(f"compress_dropout must be a bool, got {self.compress_dropout!r}")
+        for name in ("compress_dropout", "exact_linear", "chunked_loss", "require_matches"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("norm_mode", "gated_mlp_mode"):
+            if getattr(self, name) not in (None, *STRUCTURE_MODES):
+                raise ValueError(f"{name} must be None, 'exact' or 'compressed', got {getattr(self, name)!r}")
+        for name in ("norm_bits", "gated_mlp_bits"):
+            check_lowbit_args(getattr(self, name), self.linear_group_size, self.linear_rounding,
+                              names=(name, "linear_group_size", "linear_rounding"))
+        rows = self.loss_chunk_rows
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"loss_chunk_rows must be a positive int, got {rows!r}")
         object.__setattr__(self, "overrides", tuple(self._check_override(i, o) for i, o in enumerate(
             self._override_list(self.overrides))))
 
@@ -188,12 +241,39 @@ class FewBitConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "FewBitConfig":
+        """From the flat form ({"activation_bits": 3, ...}), the nested one ({"activations": {"bits": 3},
+        "linear": {...}, ...}: SECTIONS), or a mix; a field given both ways must agree."""
         if not isinstance(data, Mapping):
             raise TypeError(f"a fewbit config must be a mapping, got {type(data).__name__}")
+        data = dict(data)
+        for section, keys in SECTIONS.items():
+            if section not in data:
+                continue
+            values = data.pop(section)
+            if values is None:
+                continue
+            if not isinstance(values, Mapping):
+                raise TypeError(f"{section} must be an object with keys {sorted(keys)}, got {values!r}")
+            unknown = sorted(set(values) - set(keys))
+            if unknown:
+                raise ValueError(f"{section}: unknown key(s) {unknown}; valid keys: {', '.join(keys)}")
+            for key, value in values.items():
+                flat = keys[key]
+                if flat in data and data[flat] != value:
+                    raise ValueError(f"{section}.{key}={value!r} disagrees with {flat}={data[flat]!r}")
+                data[flat] = value
         unknown = sorted(set(data) - set(cls.field_names()))
         if unknown:
-            raise ValueError(f"unknown fewbit config key(s) {unknown}; valid keys: {', '.join(cls.field_names())}")
-        return cls(**dict(data))
+            raise ValueError(f"unknown fewbit config key(s) {unknown}; valid keys: {', '.join(cls.field_names())} "
+                             f"(or the sections {', '.join(SECTIONS)})")
+        return cls(**data)
+
+    @classmethod
+    def from_preset(cls, name: str) -> "FewBitConfig":
+        """A preset shipped with the package, by name (`fewbit_dist.presets.list_presets()`)."""
+        from .presets import load_preset
+
+        return load_preset(name)
 
     @classmethod
     def from_json(cls, path: Union[str, os.PathLike]) -> "FewBitConfig":
@@ -209,14 +289,22 @@ class FewBitConfig:
 
     @classmethod
     def load(cls, config: "ConfigLike" = None, **overrides) -> "FewBitConfig":
-        """A FewBitConfig from a FewBitConfig, a dict, a JSON path or None (defaults), then `overrides`."""
+        """A FewBitConfig from a FewBitConfig, a dict, a preset name, a JSON path or None (defaults), then
+        `overrides`."""
         if config is None:
             base = cls()
         elif isinstance(config, cls):
             base = config
         elif isinstance(config, Mapping):
             base = cls.from_dict(config)
+        elif isinstance(config, str) and _is_preset_name(config):
+            base = cls.from_preset(config)
         elif isinstance(config, (str, os.PathLike)):
+            if isinstance(config, str) and not os.path.exists(config) and not config.endswith(".json"):
+                from .presets import list_presets
+
+                raise ValueError(f"config {config!r} is neither a preset ({', '.join(list_presets())}) nor an "
+                                 "existing JSON file")
             base = cls.from_json(config)
         else:
             raise TypeError(f"config must be a FewBitConfig, a dict, a JSON file path or None, "
@@ -228,6 +316,19 @@ class FewBitConfig:
         if unknown:
             raise ValueError(f"unknown fewbit config key(s) {unknown}; valid keys: {', '.join(self.field_names())}")
         return dataclasses.replace(self, **changes)
+
+    def section(self, name: str):
+        """The sub-config of one kind of module (`SECTIONS`), as a read-only dict of its nested keys."""
+        if name not in SECTIONS:
+            raise ValueError(f"section must be one of {', '.join(SECTIONS)}, got {name!r}")
+        return types.MappingProxyType({key: getattr(self, flat) for key, flat in SECTIONS[name].items()})
+
+    def to_nested_dict(self) -> dict:
+        """The nested form (SECTIONS), plus include/exclude/overrides/require_matches."""
+        flat = self.to_dict()
+        out = {name: {key: flat.pop(f) for key, f in keys.items()} for name, keys in SECTIONS.items()}
+        out.update(flat)
+        return out
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -263,3 +364,11 @@ class Override:
 
 
 ConfigLike = Union[FewBitConfig, Mapping[str, Any], str, os.PathLike, None]
+
+
+def _is_preset_name(text: str) -> bool:
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", text):
+        return False
+    from .presets import list_presets
+
+    return text in list_presets()

@@ -11,20 +11,18 @@ ZeRO/FSDP wrap or shard the model.
 from __future__ import annotations
 
 import fnmatch
-import inspect
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
 from torch import nn
 
+from . import util
 from .config import ConfigLike, FewBitConfig
 from .integrations.sharding import check_not_sharded
-from .integrations.transformers import transformers_activation_spec, use_fewbit_attention
-from .nn.activations import PIECEWISE_MODULES, SMOOTH_MODULES, FewBitActivation, FewBitModule
-from .nn.dropout import Dropout
-from .nn.linear import LowBitLinear, RandomizedLinear
-from .util import convert_linear, map_module
+from .models import convert_activation, handlers
+from .models.hf import use_fewbit_attention
+from .util import map_module
 
 __all__ = ["convert", "convert_activation", "ConversionReport", "conversion_report"]
 
@@ -53,36 +51,14 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _ctor_kwargs(new_cls, old: nn.Module) -> dict:
-    """Constructor arguments of `new_cls` (named as in torch.nn) read from the attributes of `old`."""
-    params = inspect.signature(new_cls.__init__).parameters
-    return {name: getattr(old, name) for name in params if name not in ("self", "bits") and hasattr(old, name)}
-
-
-def convert_activation(module: nn.Module, bits: int, convert_transformers: bool = True) -> nn.Module:
-    """The few-bit replacement of one activation module, or `module` itself when it is not one we convert."""
-    if isinstance(module, FewBitModule):
-        return module
-    cls = type(module)  # exact class: a user's subclass may override forward, so it is not ours to replace
-    if cls in SMOOTH_MODULES:
-        new_cls = SMOOTH_MODULES[cls]
-        return new_cls(**_ctor_kwargs(new_cls, module), bits=bits)
-    if cls in PIECEWISE_MODULES:
-        new_cls = PIECEWISE_MODULES[cls]
-        return new_cls(**_ctor_kwargs(new_cls, module))
-    if convert_transformers:
-        spec = transformers_activation_spec(module, bits)
-        if spec is not None:
-            return FewBitActivation(module, bits=bits, spec=spec, name=cls.__name__)
-    return module
-
-
 def _matches(path: str, patterns) -> bool:
     # A pattern selects the module at a matching path and everything below it.
     return any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(path, p + ".*") for p in patterns)
 
 
 def _check_patterns(model: nn.Module, cfg: FewBitConfig) -> None:
+    if not cfg.require_matches:  # a preset: patterns for modules this model lacks are skipped
+        return
     paths = [p for p, _ in model.named_modules() if p]
     checks = [(kind, p) for kind in ("include", "exclude") for p in getattr(cfg, kind)]
     checks += [(f"overrides[{i}]", p) for i, ov in enumerate(cfg.overrides) for p in ov.patterns]
@@ -115,29 +91,46 @@ def convert(model: nn.Module, config: ConfigLike = None, **overrides) -> nn.Modu
                 raise ValueError(f"module {path!r}: {exc}") from None
         return resolved[hits]
 
-    def swap(module: nn.Module, path: str) -> nn.Module:
+    def allowed(path: str) -> bool:
         if cfg.include and not _matches(path, cfg.include):
-            return module
-        if cfg.exclude and _matches(path, cfg.exclude):
+            return False
+        return not (cfg.exclude and _matches(path, cfg.exclude))
+
+    # Children that a handler takes over at their parent (a gated MLP computes its act_fn itself).
+    claimed: dict[str, str] = {}
+    for path, module in model.named_modules():
+        if not allowed(path):
+            continue
+        try:
+            layer = settings(path)
+        except ValueError:  # raised again, children first, by the swap below
+            continue
+        for h in handlers():
+            if h.enabled(layer):
+                for child in h.claims(module, layer):
+                    claimed[f"{path}.{child}" if path else child] = h.name
+
+    def swap(module: nn.Module, path: str) -> nn.Module:
+        if not allowed(path):
             return module
         layer = settings(path)
         if layer.compress_dropout and "Attention" in type(module).__name__ and hasattr(module, "config"):
             # a Hugging Face attention module reads only its dropout's p; the attention function drops
             module.__dict__["fewbit_compress_dropout"] = True
             report.attention_modules += 1
-        new = module
-        if layer.activation_bits is not None:
-            new = convert_activation(module, layer.activation_bits, layer.convert_transformers)
-        if new is module and layer.low_bit_linear:
-            new = convert_linear(module, LowBitLinear, **layer.lowbit_kwargs())
-        if new is module and layer.randomized_linear:
-            new = convert_linear(module, RandomizedLinear, **layer.linear_kwargs())
-        if new is module and layer.compress_dropout and type(module) is nn.Dropout:
-            new = Dropout(module.p, module.inplace)
-        if new is not module:
-            new.train(module.training)
-            report.swapped.append((path, type(module).__name__, repr(new)))
-        return new
+        if path in claimed:
+            return module
+        for h in handlers():
+            if not h.enabled(layer):
+                continue
+            new = h.swap(module, path, layer)
+            if new is None:
+                continue
+            if new is not module:
+                util.carry_over(module, new)  # hooks, attributes, training mode
+            report.swapped.append((path, type(module).__name__, h.name if new is module else repr(new)))
+            return new
+        return module
 
     out = map_module(model, swap)
     if report.attention_modules:

@@ -13,7 +13,6 @@ from torch.utils.checkpoint import checkpoint
 import fewbit_dist
 from fewbit_dist.integrations import checkpointing
 from fewbit_dist.integrations.fsdp import block_classes
-from fewbit_dist.integrations.sharding import check_not_sharded, sharding_wrapper
 from fewbit_dist.memory import SavedTensorMeter
 
 transformers = pytest.importorskip("transformers")
@@ -78,35 +77,6 @@ def test_block_classes():
         block_classes(nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="none of the block classes"):
         block_classes(model, ["LlamaDecoderLayer"])
-
-
-def test_converting_a_wrapped_model_is_an_error():
-    class DistributedDataParallel(nn.Module):  # stands in for the real wrapper (needs a process group)
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
-    wrapped = DistributedDataParallel(nn.Sequential(nn.GELU()))
-    assert sharding_wrapper(wrapped) == "DistributedDataParallel"
-    with pytest.raises(ValueError, match="already wrapped by DistributedDataParallel; convert it first"):
-        fewbit_dist.convert(wrapped)
-    check_not_sharded(nn.Sequential(nn.GELU()))  # a plain model passes
-
-
-def test_converting_after_fully_shard_is_an_error(monkeypatch):
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29541")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        model = nn.Sequential(nn.Linear(4, 4), nn.GELU())
-        fully_shard(model)
-        with pytest.raises(ValueError, match="FSDP2"):
-            fewbit_dist.convert(model)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_add_fewbit_arguments(tmp_path):

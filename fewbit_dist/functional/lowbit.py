@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..ops.native import quantize_pack, row_chunk, unpack_dequantize

@@ -3,6 +3,6 @@
 from .activations import *  # noqa: F401,F403
 from .activations import __all__ as _activations
 from .dropout import Dropout  # noqa: F401
-from .linear import LowBitLinear, RandomizedLinear  # noqa: F401
+from .linear import ExactLinear, LowBitLinear, RandomizedLinear  # noqa: F401
 
-__all__ = [*_activations, "RandomizedLinear", "LowBitLinear", "Dropout"]
+__all__ = [*_activations, "RandomizedLinear", "LowBitLinear", "ExactLinear", "Dropout"]

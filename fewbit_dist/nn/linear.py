@@ -8,11 +8,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..functional.linear import projection_dim, randomized_linear
+from ..functional.linear import exact_linear, projection_dim, randomized_linear
 from ..functional.lowbit import DEFAULT_GROUP_SIZE, check_lowbit_args, low_bit_linear
 from ..functional.sketch import DEFAULT_SKETCH, sketch_for
 
-__all__ = ["RandomizedLinear", "LowBitLinear", "check_projection_args"]
+__all__ = ["RandomizedLinear", "LowBitLinear", "ExactLinear", "check_projection_args"]
 
 
 def _opt_int(value, name):
@@ -102,3 +102,13 @@ class LowBitLinear(nn.Linear):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}, "
                 f"rounding={self.rounding!r}")
+
+
+class ExactLinear(nn.Linear):
+    """Drop-in nn.Linear with unchanged values and gradients that saves less: the Parameter instead of
+    autocast's weight copy, and one copy of its input shared with the other layers reading the same tensor
+    (or none, when a converted norm or gated MLP rebuilds that tensor exactly). See
+    fewbit_dist.functional.linear.exact_linear. Parameters and state_dict keys are those of nn.Linear."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return exact_linear(input, self.weight, self.bias)
