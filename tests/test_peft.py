@@ -94,9 +94,6 @@ def test_exact_preset_gives_the_adapters_exact_gradients(base, ids):
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.xfail(strict=True, reason="shared_input keeps one slot: each lora_B's offer of its rank-wide input "
-                                       "evicts the block input before the next adapter (k, v) reads it, so every "
-                                       "lora_A quantizes it again")
 def test_adapters_reading_one_tensor_share_one_low_bit_copy(base, ids):
     """q, k and v read the same normalized hidden state: adding adapters to k and v must cost no more than in
     vanilla torch, where the three adapters save that tensor once and only their rank-wide inputs add up."""

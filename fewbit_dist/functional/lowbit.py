@@ -11,12 +11,13 @@ probability equal to the fractional part, so x_hat is unbiased and grad_W is an 
 rounding='nearest' has half the variance's worth of error but is biased. Saved bytes:
 ceil(rows * cols * bits / 8) + 8 * rows * ceil(cols / group_size).
 
-Noise. Stochastic rounding draws its uniforms from a torch.Generator seeded with a seed drawn (like
+Noise. Stochastic rounding takes its uniforms from a counter-based hash of (seed, element index) inside the
+one-pass quantizer (fewbit_dist.ops.native.quantize_groups): no noise tensor exists. The seed is drawn (like
 RandomizedLinear's, see linear.draw_seed) from torch's RNG on every call, with or without grad, so runs are
 reproducible under torch.manual_seed and activation checkpointing replays the same RNG stream.
 
 Sharing. Several layers often read one tensor, one after the other (the Q, K and V projections of
-attention). The quantized input goes into the one-slot cache of fewbit_dist.functional.shared_input, so
+attention). The quantized input goes into the small cache of fewbit_dist.functional.shared_input, so
 those layers save one packed copy between them instead of one each; an in-place change of the tensor (its
 version counter), another tensor, or a different bits/group_size/rounding makes a new one. A layer also
 takes the saved form its input's producer offers (a converted norm or gated MLP), exact or lossy. The
@@ -37,7 +38,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..ops.native import quantize_pack, row_chunk, unpack_dequantize
+from ..ops.native import quantize_groups, unpack_dequantize
 from . import shared_input
 from .linear import apply_linear_function, draw_seed, exact_input_and_bias_grads, linear_forward, weight_grad
 
@@ -107,24 +108,17 @@ def quantize_input(x2: torch.Tensor, bits: int, group_size: int, rounding: str =
     check_lowbit_args(bits, group_size, rounding)
     if x2.dim() != 2:
         raise ValueError(f"x2 must be 2-D [rows, cols], got shape {tuple(x2.shape)}")
-    rows, cols = x2.shape
-    x2 = x2.detach()
-    lo, scale = group_ranges(x2, bits, group_size)
+    if rounding == "stochastic" and seed is None:
+        raise ValueError("stochastic rounding needs a seed")
     if rounding == "nearest":
-        packed = quantize_pack(x2, lo, scale, None, bits, group_size)
+        seed_t = None
+    elif isinstance(seed, torch.Tensor):
+        seed_t = seed.reshape(1).to(torch.int64)
     else:
-        if seed is None:
-            raise ValueError("stochastic rounding needs a seed")
-        gen = torch.Generator(device=x2.device)
-        gen.manual_seed(seed)
-        # Row chunks keep the float32 uniforms O(chunk); each chunk starts on a byte of the packed stream.
-        step = row_chunk(cols)
-        chunks = []
-        for r0 in range(0, max(rows, 1), step):  # one (possibly empty) chunk at least
-            r1 = min(rows, r0 + step)
-            noise = torch.rand(r1 - r0, cols, generator=gen, device=x2.device, dtype=torch.float32)
-            chunks.append(quantize_pack(x2[r0:r1], lo[r0:r1], scale[r0:r1], noise, bits, group_size))
-        packed = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        seed_t = torch.tensor([seed], dtype=torch.int64)
+    # One pass: group ranges, counter-based uniforms (no noise tensor), quantize and pack.
+    packed, lo, scale = quantize_groups(x2.detach(), bits, group_size, seed_t)
+    cols = x2.shape[1]
     return QuantizedInput(packed, lo, scale, bits, group_size, cols)
 
 

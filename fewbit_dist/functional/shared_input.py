@@ -6,7 +6,7 @@ product. Each of them needs (a copy of) that tensor for its weight gradient. Sav
 triples the bytes; under torch.autocast it is worse, since every reader casts its input to bf16 first and
 saves its own cast.
 
-This module holds the last *saved input* in a single slot: what a layer saved for the tensor it read, keyed
+This module holds the last *saved inputs* in two slots: what a layer saved for the tensor it read, keyed
 by that tensor's memory (device, storage address, offset, shape, strides, dtype, version counter), not by the
 Python object, because DeepSpeed ZeRO-3 hands each submodule its own alias of one tensor. The next reader of
 the same tensor saves the same storages (so they exist once) and rebuilds the input from them in backward.
@@ -18,9 +18,10 @@ A `SavedInput` is the saved form of a [rows, cols] input:
 - lossy: low-bit codes (`fewbit_dist.functional.lowbit.QuantizedInput`), or a recipe over lossy parts.
 
 Producers (norms, gated MLPs) `offer` the saved form of their output; consumers (linear layers) `take` it:
-an exact consumer takes only exact forms, a low-bit consumer takes any. The slot is replaced by the next
-offer and emptied by the first backward that reads it, so at most one saved input outlives its layers' own
-saved tensors (under non-reentrant checkpointing), and only until the next layer offers.
+an exact consumer takes only exact forms, a low-bit consumer takes any. An entry is evicted by later offers
+(least recently used first) and dropped by the first backward that reads it, so at most CAPACITY saved
+inputs outlive their layers' own saved tensors (under non-reentrant checkpointing), and only until later
+layers offer.
 """
 
 from __future__ import annotations
@@ -91,46 +92,63 @@ def memory_key(x: torch.Tensor, *extra) -> tuple:
             x.dtype, x._version, *extra)
 
 
-# The slot is per thread: two threads running forwards (a data loader warm-up, a test runner) must not
-# hand each other their inputs.
+# The slots are per thread: two threads running forwards (a data loader warm-up, a test runner) must not
+# hand each other their inputs. Two slots, most recent first: a LoRA adapter's own small input (lora_B's)
+# comes between two readers of the block's input (q's and k's lora_A), and must not evict it.
+CAPACITY = 2
 _local = threading.local()
 
 
+def _entries() -> list:
+    entries = getattr(_local, "entries", None)
+    if entries is None:
+        entries = _local.entries = []
+    return entries
+
+
 def _slot():
-    return getattr(_local, "entry", None)
+    """The most recent entry (key, storage, saved form), or None."""
+    entries = _entries()
+    return entries[0] if entries else None
 
 
 def offer(x: torch.Tensor, saved: SavedInput, tag=None) -> tuple:
-    """Make `saved` the saved form of tensor `x` for the next reader; returns its key. The entry holds x's
+    """Make `saved` the saved form of tensor `x` for its next readers; returns its key. The entry holds x's
     storage, so the address cannot be reused by another tensor while the key lives. `tag` separates forms
-    of one tensor that are not interchangeable (e.g. different quantization settings)."""
+    of one tensor that are not interchangeable (e.g. different quantization settings). The least recently
+    used entry beyond CAPACITY is dropped."""
     key = memory_key(x, tag)
-    _local.entry = (key, x.untyped_storage(), saved)
+    entries = _entries()
+    entries[:] = [e for e in entries if e[0] != key]
+    entries.insert(0, (key, x.untyped_storage(), saved))
+    del entries[CAPACITY:]
     return key
 
 
 def take(x: torch.Tensor, exact: bool, tag=None) -> tuple[Optional[tuple], Optional[SavedInput]]:
-    """(key, saved form) of `x` if the slot holds one (an exact one when `exact`, or one offered with `tag`),
-    else (None, None)."""
-    entry = _slot()
-    if entry is None:
+    """(key, saved form) of `x` if a slot holds one (an exact one when `exact`, and one offered with `tag` or
+    with no tag), else (None, None)."""
+    entries = _entries()
+    if not entries:
         return None, None
-    key, _, saved = entry
-    if exact and not saved.exact:
-        return None, None
-    if key[-1] is not None and key[-1] != tag:
-        return None, None
-    if key[:-1] != memory_key(x):
-        return None, None
-    return key, saved
+    want = memory_key(x)
+    for i, entry in enumerate(entries):
+        key, _, saved = entry
+        if key[:-1] != want or (exact and not saved.exact) or (key[-1] is not None and key[-1] != tag):
+            continue
+        if i:  # most recently used first
+            entries.insert(0, entries.pop(i))
+        return key, saved
+    return None, None
 
 
 def forget(key: Optional[tuple]) -> None:
-    """Empty the slot if it still holds `key` (the first backward that reads an entry drops it)."""
-    entry = _slot()
-    if key is not None and entry is not None and entry[0] == key:
-        _local.entry = None
+    """Drop the entry of `key` (the first backward that reads an entry drops it)."""
+    if key is None:
+        return
+    entries = _entries()
+    entries[:] = [e for e in entries if e[0] != key]
 
 
 def clear() -> None:
-    _local.entry = None
+    _entries().clear()

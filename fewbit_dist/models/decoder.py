@@ -152,9 +152,21 @@ def _causal_lm_forward(self, *args, labels=None, **kwargs):
     return CausalLMOutputWithPast(loss=loss, logits=None, **fields)
 
 
+@functools.lru_cache(maxsize=None)
+def _causal_lm_forward_for(cls):
+    """_causal_lm_forward showing `cls.forward`'s signature: Trainer reads it to choose the batch's columns."""
+    def forward(self, *args, **kwargs):
+        return _causal_lm_forward(self, *args, **kwargs)
+
+    forward.__signature__ = inspect.signature(cls.forward)
+    forward.__doc__ = cls.forward.__doc__
+    forward.__name__ = "forward"
+    return forward
+
+
 def convert_causal_lm(module: nn.Module, chunk_rows: int) -> bool:
     if not is_causal_lm(module):
         return False
     module.__dict__["_fewbit_loss"] = dict(chunk_rows=chunk_rows)
-    set_forward(module, _causal_lm_forward)
+    set_forward(module, _causal_lm_forward_for(type(module)))
     return True
