@@ -37,6 +37,7 @@ SECTIONS = {
     "norms": {"mode": "norm_mode", "bits": "norm_bits"},
     "gated_mlp": {"mode": "gated_mlp_mode", "bits": "gated_mlp_bits"},
     "loss": {"chunked": "chunked_loss", "chunk_rows": "loss_chunk_rows"},
+    "checkpointing": {"boundary_bits": "checkpoint_boundary_bits"},
 }
 
 
@@ -86,6 +87,10 @@ class FewBitConfig:
     chunked_loss: a Hugging Face *ForCausalLM given labels computes its loss from the hidden states in
         chunks of loss_chunk_rows rows and returns logits=None (without labels it is unchanged). Default False.
     loss_chunk_rows: rows per chunk (default 1024).
+    checkpoint_boundary_bits: None (default) or 2..8: with activation checkpointing on (train.py,
+        fewbit_dist.integrations.checkpointing.enable), keep each checkpointed block's input at that many bits
+        (nearest rounding); the forward is unchanged, gradients become estimates. `convert` itself does not
+        switch checkpointing on.
     require_matches: every include/exclude/override pattern must match a module (default True). Presets set
         it False: a preset applies to any model, so its patterns that match nothing are skipped.
     overrides: a list of {"pattern": glob or [globs], <field>: value, ...}: for the modules a pattern matches
@@ -121,6 +126,7 @@ class FewBitConfig:
     gated_mlp_bits: int = 8
     chunked_loss: bool = False
     loss_chunk_rows: int = 1024
+    checkpoint_boundary_bits: Union[int, None] = None
     require_matches: bool = True
     overrides: tuple = ()
 
@@ -154,6 +160,9 @@ class FewBitConfig:
         for name in ("norm_bits", "gated_mlp_bits"):
             check_lowbit_args(getattr(self, name), self.linear_group_size, self.linear_rounding,
                               names=(name, "linear_group_size", "linear_rounding"))
+        if self.checkpoint_boundary_bits is not None:
+            check_lowbit_args(self.checkpoint_boundary_bits, self.linear_group_size, "nearest",
+                              names=("checkpoint_boundary_bits", "linear_group_size", "rounding"))
         rows = self.loss_chunk_rows
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise ValueError(f"loss_chunk_rows must be a positive int, got {rows!r}")

@@ -139,10 +139,11 @@ class Strategy:
         self.load_state(path)
         return int(json.loads((path / "step.json").read_text())["step"])
 
-    def _checkpointing(self, model) -> None:
+    def _checkpointing(self, model, fewbit=None) -> None:
         method = self.training["checkpointing"]
         if method != "none":
-            ckpt.enable(model, method)
+            bits = fewbit_dist.FewBitConfig.load(fewbit).checkpoint_boundary_bits if fewbit is not None else None
+            ckpt.enable(model, method, boundary_bits=bits)
 
 
 class Single(Strategy):
@@ -152,7 +153,7 @@ class Single(Strategy):
 
     def setup(self, model, fewbit, ds_config):
         model = fewbit_dist.convert(model, fewbit)
-        self._checkpointing(model)
+        self._checkpointing(model, fewbit)
         self.optimizer = make_optimizer(model.parameters(), self.training)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.wrapped = model
@@ -208,7 +209,7 @@ class DeepSpeed(Strategy):
         if ds_config is None:
             raise ValueError("the DeepSpeed strategy needs a DeepSpeed config")
         self.name = f"zero{ds_config.get('zero_optimization', {}).get('stage', 0)}"
-        self._checkpointing(model)
+        self._checkpointing(model, fewbit)
         optimizer = None if "optimizer" in ds_config else make_optimizer(model.parameters(), self.training)
         self.engine, self.optimizer, _, _ = fewbit_dist.integrations.deepspeed.initialize(
             model, fewbit, optimizer=optimizer, config=ds_config, model_parameters=model.parameters())
