@@ -14,7 +14,7 @@ rank it records the peak memory (CUDA: max_memory_allocated; CPU: the peak RSS o
 saved-activation bytes of a training forward and the mean step time (first step excluded).
 
 Variants (--variants): FewBit's four rows, vanilla / gelu3 (3-bit activation derivatives) / rand20 (20%
-randomized linears) / both, plus `best` (configs/presets/max-saving.json) and any preset by name. The
+randomized linears) / both, plus `best` (the max-saving preset) and any preset by name. The
 classifier head stays exact in all of them.
 
 Beside memory: the gradient of each variant against the exact one on the same batch (cosine, relative
@@ -62,13 +62,13 @@ def variant_config(name: str) -> dict:
     """A variant's fewbit settings: one of BASE_VARIANTS, `best` (the max-saving preset) or a preset name."""
     if name in BASE_VARIANTS:
         return dict(BASE_VARIANTS[name])
-    preset = ROOT / "configs" / "presets" / f"{'max-saving' if name == 'best' else name}.json"
-    if not preset.is_file():
-        presets = sorted(p.stem for p in (ROOT / "configs" / "presets").glob("*.json"))
-        raise SystemExit(f"--variants: unknown variant {name!r}; valid: {', '.join([*BASE_VARIANTS, 'best', *presets])}")
     import fewbit_dist
 
-    return fewbit_dist.FewBitConfig.from_json(preset).to_dict()
+    preset = "max-saving" if name == "best" else name
+    presets = fewbit_dist.presets.list_presets()
+    if preset not in presets:
+        raise SystemExit(f"--variants: unknown variant {name!r}; valid: {', '.join([*BASE_VARIANTS, 'best', *presets])}")
+    return fewbit_dist.FewBitConfig.from_preset(preset).to_dict()
 
 
 def describe(fcfg: dict) -> dict:

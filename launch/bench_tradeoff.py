@@ -12,7 +12,7 @@ batch of the embedded sentence-pair task it measures, per variant:
   part so the exact and the compressed model see the same network; 1-bit dropout is exact given the mask
   (tests/test_dropout.py), so it changes memory only.
 Variants: vanilla; 3-bit activations; 3-bit activations plus each sketch at ratios 0.1/0.2/0.5, plus
-low-bit linear inputs at 2/3/4/8 bits, plus mixed per-layer policies (configs/presets). The classifier head
+low-bit linear inputs at 2/3/4/8 bits, plus mixed per-layer policies (the shipped presets). The classifier head
 stays exact in every variant (its input is a handful of rows).
 
 Writes OUT.json (rows), OUT.md (the table with the Pareto front marked) and OUT.png (the plot), and appends
@@ -47,12 +47,12 @@ BASE = {"activation_bits": 3, "exclude": ["classifier"]}
 
 
 def preset_variants() -> list[tuple[str, dict]]:
-    """The shipped presets (configs/presets/*.json), measured like every other variant."""
+    """The shipped presets (fewbit_dist.presets), measured like every other variant."""
     out = []
-    for path in sorted((ROOT / "configs" / "presets").glob("*.json")):
-        cfg = fewbit_dist.FewBitConfig.from_json(path).to_dict()
+    for name in fewbit_dist.presets.list_presets():
+        cfg = fewbit_dist.FewBitConfig.from_preset(name).to_dict()
         cfg["compress_dropout"] = False  # measured both ways below
-        out.append((f"preset:{path.stem}", cfg))
+        out.append((f"preset:{name}", cfg))
     return out
 
 

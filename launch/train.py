@@ -75,7 +75,6 @@ else:  # python launch/train.py: Python puts launch/ first on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "roberta-tiny.json"
-PRESET_DIR = ROOT / "configs" / "presets"
 TRAINING_KEYS = {"batch_size": 8, "seq_len": 64, "lr": 1e-3, "steps": 20, "seed": 0, "checkpointing": "none",
                  "weight_decay": 0.0, "optimizer": "adamw", "precision": "fp32", "eval_every": 0,
                  "max_grad_norm": 0.0}
@@ -104,29 +103,12 @@ def read_json(path, option: str):
         raise SystemExit(f"{option} {path}: not valid JSON: {exc}") from None
 
 
-def preset_api():
-    """fewbit_dist.presets (presets found by name in the package), or None in a version without it."""
-    try:
-        from fewbit_dist import presets
-    except ImportError:
-        return None
-    return presets
-
-
 def preset_names() -> list[str]:
-    presets = preset_api()
-    if presets is not None:
-        return list(presets.list_presets())
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+    return fewbit_dist.presets.list_presets()
 
 
 def load_preset(name: str) -> "fewbit_dist.FewBitConfig":
-    if hasattr(fewbit_dist.FewBitConfig, "from_preset"):
-        return fewbit_dist.FewBitConfig.from_preset(name)
-    presets = preset_api()
-    if presets is not None:
-        return presets.load_preset(name)
-    return fewbit_dist.FewBitConfig.load(str(PRESET_DIR / f"{name}.json"))  # the shipped preset files
+    return fewbit_dist.FewBitConfig.from_preset(name)
 
 
 def resolve_fewbit(value, option: str = "--fewbit") -> "fewbit_dist.FewBitConfig":
