@@ -19,7 +19,7 @@ from torch import nn
 
 from . import util
 from .config import ConfigLike, FewBitConfig
-from .integrations.sharding import check_not_sharded
+from .models.sharding import check_not_sharded
 from .models import convert_activation, handlers
 from .models.hf import use_fewbit_attention
 from .util import map_module
