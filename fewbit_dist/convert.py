@@ -56,12 +56,16 @@ def _matches(path: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(path, p + ".*") for p in patterns)
 
 
-def _check_patterns(model: nn.Module, cfg: FewBitConfig) -> None:
-    if not cfg.require_matches:  # a preset: patterns for modules this model lacks are skipped
-        return
+def _check_patterns(model: nn.Module, cfg: FewBitConfig, user: dict) -> None:
+    """Every pattern must match a module path, unless the config says otherwise (a preset: its patterns for
+    modules this model lacks are skipped). Patterns the user passes as keyword overrides are always checked."""
     paths = [p for p, _ in model.named_modules() if p]
-    checks = [(kind, p) for kind in ("include", "exclude") for p in getattr(cfg, kind)]
-    checks += [(f"overrides[{i}]", p) for i, ov in enumerate(cfg.overrides) for p in ov.patterns]
+    checks = []
+    for kind in ("include", "exclude"):
+        if cfg.require_matches or kind in user:
+            checks += [(kind, p) for p in getattr(cfg, kind)]
+    if cfg.require_matches or "overrides" in user:
+        checks += [(f"overrides[{i}]", p) for i, ov in enumerate(cfg.overrides) for p in ov.patterns]
     for kind, p in checks:
         if not any(_matches(path, [p]) for path in paths):
             sample = ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")
@@ -77,7 +81,7 @@ def convert(model: nn.Module, config: ConfigLike = None, **overrides) -> nn.Modu
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     cfg = FewBitConfig.load(config, **overrides)
     check_not_sharded(model)
-    _check_patterns(model, cfg)
+    _check_patterns(model, cfg, overrides)
     report = ConversionReport(cfg)
 
     resolved: dict[tuple[int, ...], FewBitConfig] = {}

@@ -71,8 +71,6 @@ def test_preset_patterns_that_match_nothing_are_skipped_but_a_users_are_not(llam
         fewbit_dist.convert(copy.deepcopy(llama), preset.to_dict() | {"require_matches": True})
 
 
-@pytest.mark.xfail(strict=True, reason="a preset's require_matches=False also silences the user's own keyword "
-                                       "patterns: convert(model, 'max-saving', exclude=['typo']) converts everything")
 def test_a_users_keyword_pattern_on_a_preset_must_match(llama):
     with pytest.raises(ValueError, match="lm_heed"):
         fewbit_dist.convert(copy.deepcopy(llama), "max-saving", exclude=["lm_heed"])
