@@ -74,6 +74,8 @@ def test_preset_patterns_that_match_nothing_are_skipped_but_a_users_are_not(llam
 def test_a_users_keyword_pattern_on_a_preset_must_match(llama):
     with pytest.raises(ValueError, match="lm_heed"):
         fewbit_dist.convert(copy.deepcopy(llama), "max-saving", exclude=["lm_heed"])
+    model = fewbit_dist.convert(copy.deepcopy(llama), "max-saving", exclude=["lm_head"])  # one that matches
+    assert type(model.lm_head) is torch.nn.Linear
 
 
 def test_unknown_preset_names_the_presets(llama):
@@ -100,6 +102,13 @@ def test_nested_form_equals_the_flat_form():
     assert dict(flat.section("loss")) == {"chunked": True, "chunk_rows": 256}
     # a mix that agrees is fine
     assert FewBitConfig.from_dict({"activations": {"bits": 3}, "activation_bits": 3}).activation_bits == 3
+
+
+def test_nested_form_in_a_file(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"fewbit": {"norms": {"mode": "exact"}, "loss": {"chunked": True}}}))
+    cfg = FewBitConfig.load(path)
+    assert cfg == FewBitConfig(norm_mode="exact", chunked_loss=True) and cfg.require_matches
 
 
 def test_nested_form_errors():
