@@ -73,12 +73,15 @@ def expected_swaps(family: str, layers: int) -> dict:
 # ------------------------------------------------------------------------------------ presets on models
 
 
-@pytest.mark.parametrize("autocast", [True, False], ids=["bf16-autocast", "fp32"])
+@pytest.mark.parametrize("precision", ["bf16-autocast", "fp32", "bf16-weights"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_exact_and_max_saving_presets(family, autocast):
+def test_exact_and_max_saving_presets(family, precision):
     """exact: the same loss, the same full gradient (cosine >= 0.9999), <= 0.65x the saved bytes; max-saving:
     the same loss (forward values are exact), <= 0.30x the saved bytes, gradients still close."""
     base = causal_lm(family)
+    if precision == "bf16-weights":
+        base = base.to(torch.bfloat16)
+    autocast = precision == "bf16-autocast"
     x = tokens(2, 64, TINY["vocab_size"])
     loss0, grads0, bytes0 = train_step(base, x, autocast)
 
