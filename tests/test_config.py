@@ -109,11 +109,9 @@ def test_overrides_resolve_per_layer_and_round_trip(tmp_path):
 
 
 def test_shipped_presets_load():
-    from pathlib import Path
+    from fewbit_dist import presets
 
-    presets = sorted((Path(__file__).resolve().parents[1] / "configs" / "presets").glob("*.json"))
-    assert {p.stem for p in presets} >= {"safe", "max-saving"}
-    for path in presets:
-        data = json.loads(path.read_text())
-        assert data["description"].startswith(path.stem + ":")
-        FewBitConfig.load(path)
+    assert set(presets.list_presets()) >= {"exact", "safe", "max-saving", "fewbit-paper"}
+    for name in presets.list_presets():
+        assert presets.preset_description(name).startswith(name + ":")
+        assert FewBitConfig.load(name) == FewBitConfig.from_preset(name)

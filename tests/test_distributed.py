@@ -96,9 +96,9 @@ def test_reentrant_checkpointing_under_deepspeed(strategy, checkpointing, tmp_pa
 @pytest.mark.parametrize("checkpointing", ["none", "non_reentrant"])
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
 def test_low_bit_linears_and_one_bit_dropout(strategy, checkpointing, tmp_path):
-    """The max-saving preset (LowBitLinear, 1-bit dropout and attention masks) under ZeRO-3 and FSDP2."""
+    """The safe preset (8-bit LowBitLinear inputs, 1-bit dropout and attention masks) under ZeRO-3 and FSDP2."""
     out, vanilla = tmp_path / "m.json", tmp_path / "v.json"
-    torchrun("--fewbit-config", TINY, "--fewbit", ROOT / "configs" / "presets" / "max-saving.json",
+    torchrun("--fewbit-config", TINY, "--fewbit", "safe",
              *STRATEGIES[strategy], "--checkpointing", checkpointing, "--max-steps", STEPS, "--metrics-out", out)
     m = metrics(out)
     assert m["fewbit"]["linear_bits"] == 8 and m["fewbit"]["compress_dropout"]
