@@ -47,19 +47,30 @@ def preset_description(name: str) -> str:
     return _read(name)["description"]
 
 
-def preset_measurements(name: str) -> dict:
-    """Measured figures of preset `name` per model ({} if none were recorded)."""
-    _read(name)
+def preset_measurements(name: str, include_stale: bool = False) -> dict:
+    """Measured figures of preset `name` per model ({} if none were recorded). A figure counts only if it
+    records the preset's settings ("config") and they are today's: a preset changed since it was measured has
+    no figures until `launch/bench_decoder.py --write-presets` measures it again (`include_stale` shows the
+    old ones, marked "stale": true)."""
+    current = _read(name)["fewbit"]
     path = _files().joinpath("measured.json")
     if not path.is_file():
         return {}
-    return json.loads(path.read_text()).get(name, {})
+    out = {}
+    for model, fig in json.loads(path.read_text()).get(name, {}).items():
+        fresh = fig.get("config") == current
+        if fresh or include_stale:
+            out[model] = {k: v for k, v in fig.items() if k != "config"} | ({} if fresh else {"stale": True})
+    return out
 
 
 def describe(name: str) -> str:
     """The description and the measured figures, as text."""
-    lines = [f"{name}: {preset_description(name)}"]
-    for model, fig in preset_measurements(name).items():
+    lines = [preset_description(name)]  # it starts with the name
+    figures = preset_measurements(name)
+    for model, fig in figures.items():
         parts = ", ".join(f"{k} {v}" for k, v in fig.items())
         lines.append(f"  measured on {model}: {parts}")
+    if not figures:
+        lines.append("  not measured with these settings yet (launch/bench_decoder.py --write-presets)")
     return "\n".join(lines)
