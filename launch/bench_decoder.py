@@ -311,6 +311,12 @@ def load_rows(path: Path) -> list[dict]:
     return json.loads(path.read_text())["rows"]
 
 
+def order(r: dict) -> tuple:
+    """Vanilla, then the presets, then the grid, within the order the models were first measured."""
+    v = r["variant"]
+    return (0 if v == "vanilla" else 1 if v in PRESETS else 2, PRESETS.index(v) if v in PRESETS else 0)
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["# Saved activations against gradient quality (launch/bench_decoder.py)", "",
              "One forward+backward per variant on the same batch and RNG state; saved bytes are distinct storages "
@@ -318,7 +324,7 @@ def markdown(rows: list[dict]) -> str:
              "gradient (float64) against vanilla's. By source: the innermost module running when a storage was "
              "first saved.", ""]
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
+    for r in sorted(rows, key=order):
         groups.setdefault((r["model"], r["precision"], r["tokens"]), []).append(r)
     short = {"linear inputs": "lin in", "linear weight copies": "w copies", "norms": "norms", "mlp": "mlp",
              "attention": "attn", "loss / lm head": "loss/head", "embeddings": "emb", "other": "other"}
