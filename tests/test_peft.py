@@ -69,7 +69,8 @@ def test_lora_layers_keep_only_what_the_adapters_need(base):
         layer(x)
     # vanilla keeps lora_A's fp32 input (the layer's input) and lora_B's (rank-wide); converted, low-bit codes
     assert theirs.nbytes == 4 * TOKENS * (HIDDEN + RANK)
-    assert mine.nbytes < 0.3 * theirs.nbytes
+    # max-saving keeps 8-bit codes: a quarter of fp32, plus a float32 (lo, scale) pair per group of a row
+    assert mine.nbytes < 0.35 * theirs.nbytes
     assert not [r for r in mine.records if r.dtype.is_floating_point and r.storage_nbytes >= TOKENS * HIDDEN]
 
 

@@ -110,6 +110,25 @@ def weight_grad(g2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> tor
     return (g2.t() @ x2.to(g2.dtype)).to(weight.dtype)
 
 
+def save_shared_input(ctx, weight: torch.Tensor, key, saved: shared_input.SavedInput) -> None:
+    """Save the Parameter and the saved form of the input (shared with the input's other readers)."""
+    ctx.share_key, ctx.restore = key, saved.restorer()
+    ctx.save_for_backward(weight, *saved.tensors())
+
+
+def shared_input_linear_backward(ctx, grad_out: torch.Tensor):
+    """(grad_x, grad_W, grad_b) of a linear function that saved with `save_shared_input`: exact grad_x and
+    grad_b, grad_W = g^T x from the restored input (exact or not, as the saved form is)."""
+    weight, *rest = ctx.saved_tensors
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_x, grad_b = exact_input_and_bias_grads(ctx, g2, weight, ctx.bias_dtype)
+    grad_w = None
+    if ctx.needs_input_grad[1]:
+        shared_input.forget(ctx.share_key)
+        grad_w = weight_grad(g2, ctx.restore(rest, g2.dtype), weight)
+    return grad_x, grad_w, grad_b
+
+
 class _ExactLinearFn(torch.autograd.Function):
     """F.linear with exact gradients that saves the Parameter (not autocast's copy of it) and one copy of its
     input shared by every layer that reads the same tensor (fewbit_dist.functional.shared_input)."""
@@ -127,21 +146,13 @@ class _ExactLinearFn(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1])
             saved = shared_input.ExactInput(x2 if x2.dtype == ctx.compute_dtype else x2.to(ctx.compute_dtype))
             key = shared_input.offer(x, saved, tag=ctx.compute_dtype)
-        ctx.share_key, ctx.restore = key, saved.restorer()
-        ctx.save_for_backward(weight, *saved.tensors())
+        save_shared_input(ctx, weight, key, saved)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        weight, *rest = ctx.saved_tensors
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x, grad_b = exact_input_and_bias_grads(ctx, g2, weight, ctx.bias_dtype)
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            shared_input.forget(ctx.share_key)
-            grad_w = weight_grad(g2, ctx.restore(rest, ctx.compute_dtype), weight)
-        return grad_x, grad_w, grad_b, None
+        return (*shared_input_linear_backward(ctx, grad_out), None)
 
 
 def exact_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

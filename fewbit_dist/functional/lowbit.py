@@ -40,7 +40,7 @@ from torch.autograd.function import once_differentiable
 
 from ..ops.native import quantize_groups, unpack_dequantize
 from . import shared_input
-from .linear import apply_linear_function, draw_seed, exact_input_and_bias_grads, linear_forward, weight_grad
+from .linear import apply_linear_function, draw_seed, linear_forward, save_shared_input, shared_input_linear_backward
 
 __all__ = ["low_bit_linear", "quantize_input", "dequantize_input", "QuantizedInput", "group_ranges",
            "check_lowbit_args", "ROUNDINGS", "DEFAULT_GROUP_SIZE"]
@@ -142,21 +142,13 @@ class _LowBitLinearFn(torch.autograd.Function):
         if saved is None:
             saved = quantize_input(x.detach().reshape(-1, x.shape[-1]), bits, group_size, rounding, seed)
             key = shared_input.offer(x, saved, tag=tag)
-        ctx.share_key, ctx.restore = key, saved.restorer()
-        ctx.save_for_backward(weight, *saved.tensors())
+        save_shared_input(ctx, weight, key, saved)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        weight, *rest = ctx.saved_tensors
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x, grad_b = exact_input_and_bias_grads(ctx, g2, weight, ctx.bias_dtype)
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            shared_input.forget(ctx.share_key)
-            grad_w = weight_grad(g2, ctx.restore(rest, g2.dtype), weight)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return (*shared_input_linear_backward(ctx, grad_out), None, None, None, None, None)
 
 
 def low_bit_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, bits: int = 4,
