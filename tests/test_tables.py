@@ -124,7 +124,12 @@ def test_any_callable_and_its_cache():
     # An explicit derivative works for functions autograd cannot differentiate.
     sig = table(lambda x: torch.sigmoid(x).detach(), 3,
                 derivative=lambda x: torch.sigmoid(x) * (1 - torch.sigmoid(x)))
-    assert np.allclose(sig.borders, table("sigmoid", 3).borders, atol=1e-9)
+    ref = table("sigmoid", 3)
+    # sigmoid' is even, so the optimal table and its mirror image are equally good: the DP may return either
+    # (ties broken by float rounding), with the same error.
+    assert np.isclose(sig.error, ref.error, rtol=1e-9)
+    assert (np.allclose(sig.borders, ref.borders, atol=1e-9)
+            or np.allclose(sig.borders, [-b for b in reversed(ref.borders)], atol=1e-9))
 
 
 def test_normal_weight_optimizes_the_normal_rms():
