@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from . import shared_input
 from .linear import draw_seed
+from .lowbit import quantize_input
 
 __all__ = ["gated_product", "GATED_MODES"]
 
@@ -58,8 +59,6 @@ class _GatedFn(torch.autograd.Function):
             ctx.save_for_backward(gate, up)
             saved = shared_input.RecomputedInput((gate, up), _HRecipe(act), exact=True)
         else:
-            from .lowbit import quantize_input
-
             qg = quantize_input(gate.detach().reshape(-1, gate.shape[-1]), bits, group_size, rounding, seed)
             qu = quantize_input(up.detach().reshape(-1, up.shape[-1]), bits, group_size, rounding, seed + 1)
             restore_g, restore_u = qg.restorer(), qu.restorer()

@@ -29,6 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from . import shared_input
 from .linear import draw_seed
+from .lowbit import quantize_input
 
 __all__ = ["rms_norm", "NORM_MODES", "RMS_STYLES"]
 
@@ -71,8 +72,6 @@ class _RMSNormFn(torch.autograd.Function):
             saved = shared_input.RecomputedInput(
                 (x, rstd, w_copy), _ExactRecipe(style, x.dtype), exact=True)
         else:
-            from .lowbit import quantize_input  # lowbit imports linear; keep import order simple
-
             q = quantize_input(h.reshape(-1, h.shape[-1]), bits, group_size, rounding, seed)
             ctx.q_meta = q.restorer()
             ctx.save_for_backward(weight, q.packed, q.lo, q.scale, rstd)
