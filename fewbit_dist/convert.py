@@ -1,11 +1,11 @@
 """`convert(model, config=None, **overrides)`: one call that makes a whole model few-bit, in place.
 
-It swaps the torch.nn activations (the 21 of `fewbit_dist.nn`) and the activation modules of Hugging Face
-transformers for their few-bit versions; when the config asks for it, every nn.Linear for a LowBitLinear
-(linear_bits) or a RandomizedLinear (proj_dim_ratio / proj_dim) sharing its Parameters, and every nn.Dropout
-for fewbit_dist.Dropout (compress_dropout). Per-pattern `overrides` choose per module. Parameters, buffers and
-state_dict keys are untouched, so checkpoints load both ways and tied weights stay tied. Run it before
-ZeRO/FSDP wrap or shard the model.
+It walks the model children first and runs the handlers of `fewbit_dist.models` (one per kind of module:
+gated MLPs, activations, linear layers, dropout, RMSNorms, the causal-LM loss) that the config enables for
+each module's path; per-pattern `overrides` choose per module, and a preset name selects a shipped config.
+Replaced modules keep their Parameters and what users attached to them (`util.carry_over`); structural
+handlers change a module's forward on the instance. Parameters, buffers and state_dict keys are untouched,
+so checkpoints load both ways and tied weights stay tied. Run it before ZeRO/FSDP wrap or shard the model.
 """
 
 from __future__ import annotations
