@@ -13,7 +13,8 @@ from fewbit_dist.memory import SavedTensorMeter
 from fewbit_dist.ops import native
 
 from conftest import TOL
-from utils import assert_product_close, linear_pair, lowbit_saved_nbytes as saved_nbytes, require_native
+from utils import (assert_product_close, check_autocast_exact_parts, linear_pair, lowbit_saved_nbytes as saved_nbytes,
+                   require_native)
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -241,15 +242,7 @@ def test_autocast_bf16_on_cpu(rounding):
         torch.manual_seed(4)
         seed = draw_seed()
         y_ref = ref(b)
-    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
-    g = torch.randn(50, 16, dtype=torch.bfloat16)
-    y.backward(g)
-    y_ref.backward(g)
-    for p in (a, lin.weight, lin.bias):
-        assert p.grad.dtype == torch.float32
-    rtol, atol = TOL[torch.bfloat16]
-    torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
-    torch.testing.assert_close(lin.bias.grad, ref.bias.grad, rtol=rtol, atol=atol)
+    g = check_autocast_exact_parts(y, y_ref, lin, ref, a, b)
     x_hat = expected_x_hat(x, 4, 8, rounding, seed).bfloat16()
     assert_product_close(lin.weight.grad, g.t(), x_hat, dtype=torch.bfloat16)
     assert_product_close(ref.weight.grad, g.t(), x.bfloat16(), dtype=torch.bfloat16)  # the same check holds for x

@@ -85,3 +85,19 @@ def run_checked(cmd, cwd, env=None, timeout=1200) -> subprocess.CompletedProcess
     out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
     return out
+
+
+def check_autocast_exact_parts(y, y_ref, lin, ref, a, b):
+    """Under bf16 autocast, a compressed linear `lin` on input `a` against nn.Linear `ref` on a copy `b`: the
+    outputs are equal, the gradients come back in the fp32 of the leaves, and grad x and grad bias match
+    within the bf16 tolerance. Backpropagates a random bf16 gradient through both and returns it."""
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    g = torch.randn(*y.shape, dtype=torch.bfloat16)
+    y.backward(g)
+    y_ref.backward(g)
+    for p in (a, lin.weight, lin.bias):
+        assert p.grad.dtype == torch.float32
+    rtol, atol = TOL[torch.bfloat16]
+    torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
+    torch.testing.assert_close(lin.bias.grad, ref.bias.grad, rtol=rtol, atol=atol)
+    return g
