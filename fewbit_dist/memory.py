@@ -25,7 +25,10 @@ On CUDA: `torch.cuda.max_memory_allocated` after `torch.cuda.reset_peak_memory_s
 when the region began. On CPU: the peak resident set size above the region's start, read from Linux's
 high-water mark (writing "5" to /proc/self/clear_refs resets `VmHWM` to the current RSS; /proc/self/status
 reports `VmRSS` and `VmHWM`). The CPU figure covers the whole process (every thread, every allocator, the
-Python heap), and the kernel counts pages, so a buffer that is allocated but never touched does not count.
+Python heap), and the kernel counts pages, so a buffer that is allocated but never touched does not count,
+nor does one the allocator serves from pages it already holds (glibc keeps freed blocks below its dynamic mmap
+threshold, up to 32 MiB each, in its heap): for figures that do not depend on what ran before, start the
+process with a low MALLOC_MMAP_THRESHOLD_ (launch/bench_peak.py's --mmap-threshold).
 Elsewhere (another OS, a /proc where clear_refs is not writable, as in some containers) entering the meter
 raises `PeakMemoryUnavailable` saying why.
 

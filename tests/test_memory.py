@@ -61,6 +61,7 @@ def test_a_forward_without_backward_under_the_meter_leaks_nothing():
 
 # -- PeakMemory ----------------------------------------------------------------------------------------------
 
+import mmap  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
@@ -75,9 +76,17 @@ SLACK = 8 * MIB  # the interpreter, the allocator and page-table noise around th
 
 
 def touch(nbytes):
-    """Allocate, fill (so every page is resident) and free a float32 tensor of `nbytes`."""
-    t = torch.ones(nbytes // 4)
+    """Map `nbytes` of fresh anonymous memory, fill it through a tensor (so every page is resident) and unmap it.
+
+    Mapped directly rather than through torch's allocator: glibc serves a malloc below its dynamic mmap threshold
+    (which rises to the size of the last freed mapping, up to 32 MiB) from heap pages that may already be
+    resident, and those add nothing to the RSS the meter reads, so the size of a region's peak would depend on
+    what the suite allocated before."""
+    buf = mmap.mmap(-1, nbytes)
+    t = torch.frombuffer(buf, dtype=torch.uint8)
+    t.fill_(1)
     del t
+    buf.close()
 
 
 @linux_proc
