@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT / "launch"))
 
 import fewbit_dist  # noqa: E402
 from benchlib import machine_info  # noqa: E402
+from fewbit_dist.presets import preset_settings  # noqa: E402
 from fewbit_dist.functional import shared_input  # noqa: E402
 from fewbit_dist.memory import SavedTensorMeter  # noqa: E402
 
@@ -384,11 +385,16 @@ def write_presets(rows: list[dict], path: Path = PRESETS_OUT) -> dict:
     else fp32; of those the most tokens."""
     out: dict = {}
     for preset in PRESETS:
+        current = preset_settings(preset)
+        # rows of today's settings win over stale ones, then bf16 autocast over fp32, then more tokens
         for r in sorted((r for r in rows if r["variant"] == preset),
-                        key=lambda r: (r["precision"] == "bf16-autocast", r["batch"] * r["seq"])):
+                        key=lambda r: (r.get("preset_settings") == current, r["precision"] == "bf16-autocast",
+                                       r["batch"] * r["seq"])):
             out.setdefault(preset, {})[r["model"]] = {
                 "saved_vs_vanilla": round(r["saved_vs_vanilla"], 4), "grad_cosine": round(r["grad_cosine"], 6),
-                "precision": r["precision"], "tokens": r["tokens"]}
+                "precision": r["precision"], "tokens": r["tokens"],
+                # what preset_measurements compares with the shipped preset (absent: measured before it was kept)
+                "config": r.get("preset_settings")}
     path.write_text(json.dumps(out, indent=2) + "\n")
     return out
 
@@ -432,6 +438,8 @@ def run(args) -> list[dict]:
             row = {"model": LABELS[args.model], "precision": PRECISIONS[precision], "tokens": f"{batch_size}x{seq}",
                    "batch": batch_size, "seq": seq, "variant": name,
                    "config": cfg if isinstance(cfg, (dict, type(None))) else f"preset:{cfg}",
+                   # a preset's settings when measured: measured.json figures count only while they are today's
+                   **({"preset_settings": preset_settings(cfg)} if isinstance(cfg, str) else {}),
                    "loss": loss, "saved_bytes": nbytes, "saved_vs_vanilla": nbytes / ref[0], "by_source": by_source,
                    "grad_cosine": cos, "grad_rel_error": rel, "seconds": round(seconds, 2), "machine": info,
                    "run": run_cfg}

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import fewbit_dist.presets
+
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
@@ -76,6 +78,9 @@ def test_measured_presets(run):
     fig = measured["exact"]["tiny-llama (random)"]
     assert fig["precision"] == "bf16-autocast" and fig["tokens"] == "2x16"  # bf16 preferred over fp32
     assert fig["grad_cosine"] > 0.9999 and 0 < fig["saved_vs_vanilla"] < 1
+    # each figure records the settings it was measured with: today's, so describe() would show it
+    for preset in mod.PRESETS:
+        assert measured[preset]["tiny-llama (random)"]["config"] == fewbit_dist.presets.preset_settings(preset)
 
 
 def test_bad_tokens():

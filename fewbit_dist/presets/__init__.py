@@ -43,6 +43,11 @@ def load_preset(name: str):
     return FewBitConfig.from_dict(data)
 
 
+def preset_settings(name: str) -> dict:
+    """The preset's settings as stored (its "fewbit" mapping): what a measurement records to stay current."""
+    return json.loads(json.dumps(_read(name)["fewbit"]))
+
+
 def preset_description(name: str) -> str:
     return _read(name)["description"]
 
@@ -52,7 +57,7 @@ def preset_measurements(name: str, include_stale: bool = False) -> dict:
     records the preset's settings ("config") and they are today's: a preset changed since it was measured has
     no figures until `launch/bench_decoder.py --write-presets` measures it again (`include_stale` shows the
     old ones, marked "stale": true)."""
-    current = _read(name)["fewbit"]
+    current = preset_settings(name)
     path = _files().joinpath("measured.json")
     if not path.is_file():
         return {}
