@@ -25,7 +25,7 @@ from ..nn.activations import PIECEWISE_MODULES, SMOOTH_MODULES, FewBitActivation
 from ..nn.dropout import Dropout
 from ..nn.linear import ExactLinear, LowBitLinear, RandomizedLinear
 from ..util import convert_linear
-from . import decoder
+from . import conv1d, decoder
 from .hf import transformers_activation_spec
 
 __all__ = ["Handler", "HANDLERS", "register", "handlers", "convert_activation"]
@@ -99,6 +99,16 @@ def _linear(module, path, layer):
     return _or_none(module, convert_linear(module, ExactLinear))
 
 
+def _conv1d(module, path, layer):
+    if layer.low_bit_linear:
+        ok = conv1d.convert_conv1d(module, "low_bit", **layer.lowbit_kwargs())
+    elif layer.randomized_linear:
+        ok = conv1d.convert_conv1d(module, "randomized", **layer.linear_kwargs())
+    else:
+        ok = conv1d.convert_conv1d(module, "exact")
+    return module if ok else None
+
+
 def _dropout(module, path, layer):
     if type(module) is not nn.Dropout:
         return None
@@ -126,6 +136,8 @@ register(Handler("gated_mlp", "gated_mlp", lambda c: c.gated_mlp_mode is not Non
 register(Handler("activation", "activations", lambda c: c.activation_bits is not None, _activation))
 register(Handler("linear", "linear",
                  lambda c: c.low_bit_linear or c.randomized_linear or c.exact_linear, _linear))
+register(Handler("conv1d", "linear",  # GPT-2's transposed-weight projections
+                 lambda c: c.low_bit_linear or c.randomized_linear or c.exact_linear, _conv1d))
 register(Handler("dropout", "dropout", lambda c: c.compress_dropout, _dropout))
 register(Handler("norm", "norms", lambda c: c.norm_mode is not None, _norm))
 register(Handler("causal_lm_loss", "loss", lambda c: c.chunked_loss, _causal_lm))
