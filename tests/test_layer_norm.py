@@ -207,6 +207,34 @@ def test_compressed_norm_readers_share_the_codes():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("affine", list(AFFINE))
+def test_offered_forms_rebuild_the_output(affine):
+    """What the norm offers its readers: exact mode rebuilds y bit for bit (in any dtype asked); compressed mode
+    rebuilds it within its codes' rounding, and only for readers that accept a lossy form."""
+    from fewbit_dist.functional import shared_input
+
+    module = ln_module(96, **AFFINE[affine])
+    x = inputs((5, 96))[0].requires_grad_()
+    for mode, bits in (("exact", 8), ("compressed", 8), ("compressed", 3)):
+        convert_layer_norm(module, mode, bits, 32, "stochastic")
+        shared_input.clear()
+        y = module(x)
+        _, exact_form = shared_input.take(y, exact=True)
+        _, form = shared_input.take(y, exact=False)
+        assert (exact_form is None) == (mode == "compressed") and form is not None
+        rebuilt = form.restorer()(form.tensors(), torch.float32)
+        if mode == "exact":
+            assert torch.equal(rebuilt, y.detach()) and torch.equal(form.restorer()(form.tensors(), torch.bfloat16),
+                                                                    y.detach().bfloat16())
+        else:
+            # within one rounding step of xhat (its group's scale), times |w|
+            step = form.tensors()[2].repeat_interleave(32, dim=1)[:, :96]
+            w = module.weight.detach().abs() if module.weight is not None else 1.0
+            assert ((rebuilt - y.detach()).abs() <= step * w + 1e-5).all(), (mode, bits)
+            assert relative_error(rebuilt, y) > 1e-4  # really the codes
+    shared_input.clear()
+
+
 # --------------------------------------------------------------------------------------- compressed mode
 
 
@@ -310,7 +338,15 @@ def test_conversion_keeps_the_module():
         module(torch.randn(5, 31, requires_grad=True))
 
 
-def test_empty_and_non_contiguous_inputs():
+def test_awkward_inputs():
+    """Empty and non-contiguous inputs; float64 (gradcheck of exact mode); meta tensors (shapes only)."""
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    w, b = (torch.randn(7, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda *t: layer_norm(*t, 1e-5), (x, w, b))
+    for mode in ("exact", "compressed"):
+        x, w = torch.empty(4, 8, device="meta", requires_grad=True), torch.empty(8, device="meta", requires_grad=True)
+        layer_norm(x, w, None, 1e-5, mode=mode).sum().backward()
+        assert x.grad.shape == x.shape and w.grad.shape == w.shape
     ref = ln_module(40)
     module = copy.deepcopy(ref)
     for mode in ("exact", "compressed"):

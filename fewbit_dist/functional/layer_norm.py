@@ -209,6 +209,8 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
         return F.layer_norm(x, (cols,), weight, bias, eps)
     device_type = x.device.type
+    if not torch.amp.is_autocast_available(device_type):  # no autocast there (meta tensors)
+        return _LayerNormFn.apply(x, weight, bias, float(eps), False, mode, bits, group_size, rounding, seed)
     upcast = autocast_upcasts_layer_norm(device_type)
     with torch.autocast(device_type, enabled=False):
         return _LayerNormFn.apply(x, weight, bias, float(eps), upcast, mode, bits, group_size, rounding, seed)
