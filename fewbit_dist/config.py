@@ -77,8 +77,9 @@ class FewBitConfig:
         autocast's weight copy, and one input copy shared with the other layers reading the same tensor (or
         none, when a converted norm or gated MLP can rebuild it exactly). Gradients unchanged. Default False.
     norm_mode: None (default), "exact" or "compressed": Hugging Face RMSNorm modules (Llama, Qwen2/3,
-        Mistral, Gemma styles) save their input once plus per-row statistics ("exact", gradients unchanged) or
-        their normalized input at norm_bits ("compressed"); the linear layers reading their output share it.
+        Mistral, Gemma styles) and torch.nn.LayerNorm (BERT, RoBERTa, MiniLM, GPT-2) save their input once
+        plus per-row statistics ("exact", gradients unchanged) or their normalized input at norm_bits
+        ("compressed"); the linear layers reading their output share it (rebuild it) instead of saving a copy.
     norm_bits: 2..8, for norm_mode "compressed" (default 8).
     gated_mlp_mode: None (default), "exact" or "compressed": gated MLPs (SwiGLU/GeGLU: Llama, Qwen2/3,
         Mistral, Gemma) compute act(gate) * up in one op that saves gate and up only ("exact") or at

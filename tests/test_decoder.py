@@ -180,13 +180,14 @@ def gpt2():
 @pytest.mark.parametrize("preset", ["exact", "max-saving"])
 def test_gpt2_conv1d_projections_are_converted(preset, autocast):
     """GPT-2's projections are transformers' Conv1D (x @ W + b, W stored (in, out)), not nn.Linear: each gets
-    the preset's linear method, keeping its class, parameters and state_dict; the tied LM head and the loss are
-    converted too. exact: the same loss and gradient with fewer saved bytes; max-saving: the same loss, far
+    the preset's linear method, keeping its class, parameters and state_dict; its LayerNorms, the tied LM head
+    and the loss are converted too. exact: the same loss and gradient with fewer saved bytes; max-saving: the same loss, far
     fewer bytes, gradient close."""
     base = gpt2()
     model = fewbit_dist.convert(copy.deepcopy(base), preset)
     counts = fewbit_dist.conversion_report(model).counts()
     assert counts.get("Conv1D") == 4 * 2  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
+    assert counts.get("LayerNorm") == 2 * 2 + 1  # ln_1, ln_2 per block and ln_f
     assert counts.get("Linear") == 1 and counts.get("GPT2LMHeadModel") == 1  # the LM head and the chunked loss
     assert model.lm_head.weight is model.transformer.wte.weight
     assert model.state_dict().keys() == base.state_dict().keys()
@@ -198,12 +199,12 @@ def test_gpt2_conv1d_projections_are_converted(preset, autocast):
     assert grads.keys() == grads0.keys()
     if preset == "exact":
         assert cosine(grads, grads0) >= 0.9999
-        # 0.886x measured in fp32 (the chunked loss; GPT-2's LayerNorms and tanh-GELU stay as they are under
-        # exact), less under autocast, where no bf16 weight copy is kept
-        assert nbytes < 0.9 * bytes0, nbytes / bytes0
+        # measured 0.83x in fp32 (the chunked loss; the projections reading a LayerNorm's output rebuild it;
+        # the tanh-GELU stays as it is under exact), 0.65x under autocast, where no bf16 weight copy is kept
+        assert nbytes < 0.87 * bytes0, nbytes / bytes0
     else:
         assert cosine(grads, grads0) >= 0.99
-        assert nbytes < 0.5 * bytes0, nbytes / bytes0
+        assert nbytes < 0.35 * bytes0, nbytes / bytes0  # measured 0.27x (fp32) and 0.26x (autocast)
 
 
 def test_gpt2_conv1d_exact_equals_addmm():

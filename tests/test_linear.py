@@ -72,7 +72,9 @@ def test_rownorm_samples_uniformly_from_a_zero_input():
 @pytest.mark.parametrize("sketch", ALL_SKETCHES)
 def test_weight_gradient_is_unbiased(sketch):
     """Mean of N estimates -> exact at the 1/sqrt(N) rate: ||mean - exact||^2 ~ tr(Cov)/N, while any bias b
-    would leave ||b||^2 however large N is. With ~100 gradient entries the ratio concentrates near 1."""
+    would leave ||b||^2 however large N is. The ratio has mean 1 but a heavy tail (a few directions carry
+    most of the covariance): over 5 generator seeds x 4 sketches it ranged 0.4-2.0, and a 5% mis-scaled
+    estimate 4.4-12, so the bound is 3."""
     torch.manual_seed(1)
     rows, n_in, n_out, k = 48, 10, 9, 12
     x = torch.randn(rows, n_in, dtype=torch.float64) * torch.linspace(0.2, 3, rows, dtype=torch.float64)[:, None]
@@ -89,9 +91,9 @@ def test_weight_gradient_is_unbiased(sketch):
     per_sample = ((est - exact) ** 2).sum((1, 2)).mean()  # tr(Cov) of one estimate
     for m in (n // 16, n):
         err = ((est[:m].mean(0) - exact) ** 2).sum()
-        assert err < 2.0 * per_sample / m, (m, err.item(), (per_sample / m).item())
+        assert err < 3.0 * per_sample / m, (m, err.item(), (per_sample / m).item())
     # And a mis-scaled estimator would fail the same test: 5% off is far outside the noise at N = 3000.
-    assert ((1.05 * est.mean(0) - exact) ** 2).sum() > 2.0 * per_sample / n
+    assert ((1.05 * est.mean(0) - exact) ** 2).sum() > 3.0 * per_sample / n
 
 
 @pytest.mark.parametrize("sketch", ALL_SKETCHES)
@@ -102,7 +104,7 @@ def test_saved_bytes_are_the_sketch(sketch):
     with SavedTensorMeter(lin) as meter:
         lin(x)
     extra = 4 * k + 4 if sketch == "rownorm" else 0  # k int32 row indices and one fp32 total
-    assert meter.nbytes == k * 1024 * 4 + extra
+    assert meter.nbytes == k * 1024 * 4 + 8 + extra  # the sketch, its int64 seed, and the extras
     # The issue's bound: at most 0.2 x the input's bytes plus a few KiB (k = ceil(0.2 B) rows).
     assert meter.nbytes <= 0.2 * x.numel() * 4 + 8 * 1024
 
@@ -112,7 +114,7 @@ def test_half_precision_saves_half_precision_sketch():
     x = torch.randn(40, 64, dtype=torch.bfloat16, requires_grad=True)
     with SavedTensorMeter(lin) as meter:
         lin(x).sum().backward()
-    assert meter.nbytes == 5 * 64 * 2 and lin.weight.grad.dtype == torch.bfloat16
+    assert meter.nbytes == 5 * 64 * 2 + 8 and lin.weight.grad.dtype == torch.bfloat16  # + the int64 seed
 
 
 def test_large_k_keeps_the_input_and_is_exact():

@@ -163,9 +163,6 @@ class GraphBreak(Exception):
     pass
 
 
-@pytest.mark.xfail(strict=True, raises=GraphBreak,
-                   reason="the few-bit activation fills its tensor cache inside its autograd.Function on first use, "
-                          "a side effect dynamo refuses in one graph; being made to compile as one graph")
 def test_torch_compile_of_a_small_model_in_one_graph():
     """fullgraph=True in a fresh process (nothing cached, as for a user), then output and gradients equal to
     eager's bit for bit. Any failure but the graph break fails the test."""

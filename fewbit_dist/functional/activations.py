@@ -64,6 +64,8 @@ class ActivationSpec:
     _cache: dict = field(default_factory=dict, repr=False)  # (what, device, dtype) -> tensor
 
     def _tensor(self, what: str, values, device, dtype) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a constant of the graph: filling the cache is a side effect dynamo refuses
+            return torch.tensor(values, dtype=dtype, device=device)
         key = (what, device, dtype)
         t = self._cache.get(key)
         if t is None:  # dict.setdefault is atomic, so concurrent first calls agree on one tensor

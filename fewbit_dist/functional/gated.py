@@ -79,14 +79,12 @@ class _GatedFn(torch.autograd.Function):
             t = ctx.saved_tensors
             gate = ctx.restores[0](t[:3], ctx.dtypes[0]).view(ctx.shape)
             up = ctx.restores[1](t[3:], ctx.dtypes[1]).view(ctx.shape)
-        with torch.enable_grad():
-            g = gate.detach().requires_grad_(ctx.needs_input_grad[0])
-            a = ctx.act(g)
+        # act's own backward through torch.func.vjp: autograd's derivative formulas, traceable by torch.compile
+        # (torch.autograd.grad inside a backward is not)
+        a, act_vjp = torch.func.vjp(ctx.act, gate.detach())
         # The product's backward as autograd computes it: each factor's gradient is grad_h times the other.
-        grad_up = grad_h * a.detach() if ctx.needs_input_grad[1] else None
-        grad_gate = None
-        if ctx.needs_input_grad[0]:
-            (grad_gate,) = torch.autograd.grad(a, g, grad_h * up)
+        grad_up = grad_h * a if ctx.needs_input_grad[1] else None
+        grad_gate = act_vjp(grad_h * up)[0] if ctx.needs_input_grad[0] else None
         return grad_gate, grad_up, None, None, None, None, None, None
 
 

@@ -16,6 +16,9 @@ recomputes a forward, so the recompute draws the same seed and saves the same sk
 usually share one seed (torch.manual_seed(s) everywhere), which would give every rank the same S and stop
 the averaged gradient's variance from shrinking with the number of ranks; so the drawn seed is mixed with
 the torch.distributed rank when a process group is initialized: every rank sketches independently.
+The seed is a one-element int64 tensor that is never read on the host: drawing it does not synchronize a
+device, and under torch.compile it is a value of the graph (a fresh seed per call, as in eager), not a
+constant baked into it. The sketches turn it into randomness with a counter-based hash (sketch.py).
 """
 
 from __future__ import annotations
@@ -37,14 +40,18 @@ _SEED_BITS = 62
 _GOLDEN = 0x9E3779B97F4A7C15  # odd constant of the golden ratio: spreads ranks over the seed space
 
 
-def draw_seed(generator: Optional[torch.Generator] = None) -> int:
-    """A fresh seed from `generator` (default: torch's CPU generator), mixed with the distributed rank."""
+def draw_seed(generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A fresh 62-bit seed from `generator` (default: torch's CPU generator), mixed with the distributed rank:
+    a one-element int64 tensor on the generator's device, never read on the host (no synchronization, and
+    torch.compile traces it as a graph value)."""
     if generator is None:
-        seed = int(torch.randint(0, 1 << _SEED_BITS, (1,)).item())
+        seed = torch.randint(0, 1 << _SEED_BITS, (1,), dtype=torch.int64)
     else:
-        seed = int(torch.randint(0, 1 << _SEED_BITS, (1,), generator=generator, device=generator.device).item())
+        seed = torch.randint(0, 1 << _SEED_BITS, (1,), generator=generator, device=generator.device,
+                             dtype=torch.int64)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        seed = (seed + torch.distributed.get_rank() * _GOLDEN) % (1 << _SEED_BITS)
+        offset = (torch.distributed.get_rank() * _GOLDEN) % (1 << _SEED_BITS)  # both terms < 2^62: no overflow
+        seed = (seed + offset) % (1 << _SEED_BITS)
     return seed
 
 
@@ -179,9 +186,8 @@ class _RandomizedLinearFn(torch.autograd.Function):
             return y
         sketch = sketch_for(sketch_name)
         x_s, extra = sketch.compress(x2, k, seed)
-        ctx.mode, ctx.sketch, ctx.seed, ctx.k = "sketch", sketch, seed, k
-        ctx.extra_count = 0 if extra is None else len(extra)
-        ctx.save_for_backward(weight, x_s, *(extra or ()))
+        ctx.mode, ctx.sketch, ctx.k = "sketch", sketch, k
+        ctx.save_for_backward(weight, x_s, seed, *(extra or ()))
         return y
 
     @staticmethod
@@ -195,8 +201,8 @@ class _RandomizedLinearFn(torch.autograd.Function):
             if ctx.mode == "exact":
                 grad_w = weight_grad(g2, rest[0], weight)
             else:
-                x_s, extra = rest[0], tuple(rest[1:]) or None
-                grad_w = ctx.sketch.weighted_product(g2, x_s, extra, ctx.k, ctx.seed).to(weight.dtype)
+                x_s, seed, extra = rest[0], rest[1], tuple(rest[2:]) or None
+                grad_w = ctx.sketch.weighted_product(g2, x_s, extra, ctx.k, seed).to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None
 
 

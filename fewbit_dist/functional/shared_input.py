@@ -17,6 +17,10 @@ A `SavedInput` is the saved form of a [rows, cols] input:
   rebuilds act(gate) * up from gate and up);
 - lossy: low-bit codes (`fewbit_dist.functional.lowbit.QuantizedInput`), or a recipe over lossy parts.
 
+Under torch.compile nothing is shared: the keys are memory addresses, which a traced graph cannot read, and
+AOT autograd decides what the compiled graph saves from the whole graph anyway. `offer` and `take` then do
+nothing, and each reader saves its own form of its input (the same values; more bytes than eager).
+
 Producers (norms, gated MLPs) `offer` the saved form of their output; consumers (linear layers) `take` it:
 an exact consumer takes only exact forms, a low-bit consumer takes any. An entry is evicted by later offers
 (least recently used first) and dropped by the first backward that reads it, so at most CAPACITY saved
@@ -112,11 +116,13 @@ def _slot():
     return entries[0] if entries else None
 
 
-def offer(x: torch.Tensor, saved: SavedInput, tag=None) -> tuple:
+def offer(x: torch.Tensor, saved: SavedInput, tag=None) -> Optional[tuple]:
     """Make `saved` the saved form of tensor `x` for its next readers; returns its key. The entry holds x's
     storage, so the address cannot be reused by another tensor while the key lives. `tag` separates forms
     of one tensor that are not interchangeable (e.g. different quantization settings). The least recently
-    used entry beyond CAPACITY is dropped."""
+    used entry beyond CAPACITY is dropped. Under torch.compile: does nothing, returns None."""
+    if torch.compiler.is_compiling():
+        return None
     key = memory_key(x, tag)
     entries = _entries()
     entries[:] = [e for e in entries if e[0] != key]
@@ -128,6 +134,8 @@ def offer(x: torch.Tensor, saved: SavedInput, tag=None) -> tuple:
 def take(x: torch.Tensor, exact: bool, tag=None) -> tuple[Optional[tuple], Optional[SavedInput]]:
     """(key, saved form) of `x` if a slot holds one (an exact one when `exact`, and one offered with `tag` or
     with no tag), else (None, None)."""
+    if torch.compiler.is_compiling():
+        return None, None
     entries = _entries()
     if not entries:
         return None, None

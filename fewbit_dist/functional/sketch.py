@@ -28,15 +28,26 @@ from typing import Optional
 
 import torch
 
+from ..ops.reference import counter_uniforms, uniform_key
+
 __all__ = ["SKETCHES", "DEFAULT_SKETCH", "Sketch", "sketch_for"]
 
 DEFAULT_SKETCH = "rownorm"
 
 
-def _generator(seed: int, device: torch.device) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
+def _uniforms(seed, count: int, device: torch.device, stream: int = 0) -> torch.Tensor:
+    """`count` float32 uniforms in [0, 1) (24 random bits) for `seed` (a one-element int64 tensor): counters
+    [stream * count, (stream + 1) * count) of the counter-based hash the low-bit quantizer uses. The same
+    values on every device for the same seed; no generator object, no host read of the seed (so it traces
+    under torch.compile), and forward and backward regenerate the same S."""
+    seed = torch.as_tensor(seed, dtype=torch.int64)  # an int is accepted too (tests, direct use)
+    return counter_uniforms(uniform_key(seed.reshape(()).to(device)), stream * count, count)
+
+
+def _normals(seed: torch.Tensor, count: int, device: torch.device) -> torch.Tensor:
+    """`count` standard normals (Box-Muller on two streams of uniforms), float32."""
+    u1, u2 = _uniforms(seed, count, device, 0), _uniforms(seed, count, device, 1)
+    return torch.sqrt(-2.0 * torch.log1p(-u1)) * torch.cos((2.0 * math.pi) * u2)
 
 
 class Sketch:
@@ -49,19 +60,20 @@ class Sketch:
 
     name: str
 
-    def compress(self, x: torch.Tensor, k: int, seed: int):
+    def compress(self, x: torch.Tensor, k: int, seed: torch.Tensor):
         raise NotImplementedError
 
-    def compress_like(self, g: torch.Tensor, k: int, seed: int, extra) -> torch.Tensor:
+    def compress_like(self, g: torch.Tensor, k: int, seed: torch.Tensor, extra) -> torch.Tensor:
         raise NotImplementedError
 
-    def weighted_product(self, g: torch.Tensor, x_s: torch.Tensor, extra, k: int = 0, seed: int = 0) -> torch.Tensor:
+    def weighted_product(self, g: torch.Tensor, x_s: torch.Tensor, extra, k: int = 0,
+                         seed: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The grad-W estimate (S^T g)^T x_s."""
         return self.compress_like(g, k, seed, extra).t() @ x_s
 
 
 class _Dense(Sketch):
-    def matrix(self, b: int, k: int, seed: int, device, dtype) -> torch.Tensor:
+    def matrix(self, b: int, k: int, seed: torch.Tensor, device, dtype) -> torch.Tensor:
         raise NotImplementedError
 
     def compress(self, x, k, seed):
@@ -77,7 +89,7 @@ class GaussianSketch(_Dense):
 
     def matrix(self, b, k, seed, device, dtype):
         # Drawn in fp32 (randn has no fp16 kernel on some devices), then cast: the same S in fwd and bwd.
-        s = torch.randn(b, k, generator=_generator(seed, device), device=device, dtype=torch.float32)
+        s = _normals(seed, b * k, device).view(b, k)
         return s.mul_(1.0 / math.sqrt(k)).to(dtype)
 
 
@@ -85,8 +97,8 @@ class RademacherSketch(_Dense):
     name = "rademacher"
 
     def matrix(self, b, k, seed, device, dtype):
-        s = torch.randint(0, 2, (b, k), generator=_generator(seed, device), device=device, dtype=torch.int8)
-        return (s.to(torch.float32).mul_(2.0).sub_(1.0).mul_(1.0 / math.sqrt(k))).to(dtype)
+        s = torch.where(_uniforms(seed, b * k, device) < 0.5, -1.0, 1.0).view(b, k)
+        return s.mul_(1.0 / math.sqrt(k)).to(dtype)
 
 
 class CountSketch(Sketch):
@@ -94,14 +106,13 @@ class CountSketch(Sketch):
 
     @staticmethod
     def _hash(b, k, seed, device):
-        g = _generator(seed, device)
-        bucket = torch.randint(0, k, (b,), generator=g, device=device)
-        sign = torch.randint(0, 2, (b,), generator=g, device=device, dtype=torch.int8)
+        bucket = (_uniforms(seed, b, device, 0) * k).to(torch.int64).clamp_(max=k - 1)
+        sign = _uniforms(seed, b, device, 1) < 0.5
         return bucket, sign
 
     def _apply(self, t, k, seed):
         bucket, sign = self._hash(t.shape[0], k, seed, t.device)
-        signed = torch.where(sign[:, None].bool(), t, -t)
+        signed = torch.where(sign[:, None], t, -t)
         return torch.zeros(k, t.shape[1], dtype=t.dtype, device=t.device).index_add_(0, bucket, signed)
 
     def compress(self, x, k, seed):
@@ -125,11 +136,14 @@ class RowNormSampling(Sketch):
     def compress(self, x, k, seed):
         norms = torch.linalg.vector_norm(x.float(), dim=1)
         total = norms.sum()
-        if not torch.isfinite(total) or total <= 0:
-            p, total = torch.full_like(norms, 1.0 / norms.numel()), torch.tensor(-1.0, device=x.device)
-        else:
-            p = norms / total
-        idx = torch.multinomial(p, k, replacement=True, generator=_generator(seed, x.device))
+        # branchless (no host sync, one graph under torch.compile): the uniform fallback is a torch.where
+        usable = torch.isfinite(total) & (total > 0)
+        p = torch.where(usable, norms / torch.where(usable, total, 1.0), 1.0 / norms.numel())
+        total = torch.where(usable, total, -1.0)
+        # k draws with replacement by inverse CDF (float64 sums); a row of p = 0 owns an empty interval
+        cdf = torch.cumsum(p.double(), 0)
+        u = _uniforms(seed, k, x.device).double() * cdf[-1]
+        idx = torch.searchsorted(cdf, u, right=True).clamp_(max=p.numel() - 1)
         return x.index_select(0, idx), (idx.to(torch.int32), total.reshape(()))
 
     def weights(self, x_s, rows, extra) -> torch.Tensor:
@@ -139,7 +153,7 @@ class RowNormSampling(Sketch):
         by_norm = total / (k * torch.linalg.vector_norm(x_s.float(), dim=1))
         return torch.where(total < 0, torch.full_like(by_norm, rows / k), by_norm)
 
-    def weighted_product(self, g, x_s, extra, k=0, seed=0) -> torch.Tensor:
+    def weighted_product(self, g, x_s, extra, k=0, seed=None) -> torch.Tensor:
         """(S^T g)^T (S^T x) = sum_j w_j g_{i_j}^T x_{i_j}, with the weights folded into g's rows."""
         w = self.weights(x_s, g.shape[0], extra)
         g_s = g.index_select(0, extra[0]) * w[:, None].to(g.dtype)

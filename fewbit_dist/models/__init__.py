@@ -25,7 +25,7 @@ from ..nn.activations import PIECEWISE_MODULES, SMOOTH_MODULES, FewBitActivation
 from ..nn.dropout import Dropout
 from ..nn.linear import ExactLinear, LowBitLinear, RandomizedLinear
 from ..util import convert_linear
-from . import conv1d, decoder
+from . import conv1d, decoder, layer_norm
 from .hf import transformers_activation_spec
 
 __all__ = ["Handler", "HANDLERS", "register", "handlers", "convert_activation"]
@@ -116,8 +116,8 @@ def _dropout(module, path, layer):
 
 
 def _norm(module, path, layer):
-    ok = decoder.convert_rms_norm(module, layer.norm_mode, layer.norm_bits, layer.linear_group_size,
-                                  layer.linear_rounding)
+    args = (module, layer.norm_mode, layer.norm_bits, layer.linear_group_size, layer.linear_rounding)
+    ok = decoder.convert_rms_norm(*args) or layer_norm.convert_layer_norm(*args)  # HF RMSNorm, nn.LayerNorm
     return module if ok else None
 
 
