@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
 from .functional.lowbit import DEFAULT_GROUP_SIZE, check_lowbit_args
-from .functional.sketch import DEFAULT_SKETCH, sketch_for
+from .functional.sketch import DEFAULT_SKETCH, SKETCHES
 from .nn.linear import check_projection_args
+from .validation import check_bool, check_choice, check_int, check_optional_bits
 
 __all__ = ["FewBitConfig", "ConfigLike", "LAYER_FIELDS", "SECTIONS"]
 
@@ -132,41 +133,31 @@ class FewBitConfig:
     overrides: tuple = ()
 
     def __post_init__(self):
-        bits = self.activation_bits
-        if bits is not None:
-            if isinstance(bits, bool) or not isinstance(bits, int):
-                raise TypeError(f"activation_bits must be an int in 1..8 or None, got {bits!r}")
-            if not 1 <= bits <= 8:
-                raise ValueError(f"activation_bits must be in 1..8 or None, got {bits}")
+        check_optional_bits(self.activation_bits, "activation_bits", 1, 8)
         object.__setattr__(self, "include", _patterns(self.include, "include"))
         object.__setattr__(self, "exclude", _patterns(self.exclude, "exclude"))
-        if not isinstance(self.convert_transformers, bool):
-            raise TypeError(f"convert_transformers must be a bool, got {self.convert_transformers!r}")
+        check_bool(self.convert_transformers, "convert_transformers")
         if self.randomized_linear:
             check_projection_args(self.proj_dim_ratio, self.proj_dim, self.proj_dim_min, self.proj_dim_max)
         elif self.proj_dim_min is not None or self.proj_dim_max is not None:
             raise ValueError("proj_dim_min/proj_dim_max need proj_dim_ratio or proj_dim (they clamp the sketch size)")
-        sketch_for(self.sketch)
+        check_choice(self.sketch, "sketch", (None, *sorted(SKETCHES)))
         if self.linear_bits is not None and self.randomized_linear:
             raise ValueError(f"linear_bits={self.linear_bits} and proj_dim_ratio/proj_dim (a sketch) are both set: a "
                              "linear layer is either low-bit or sketched; choose per layer with `overrides`")
         check_lowbit_args(4 if self.linear_bits is None else self.linear_bits, self.linear_group_size,
                           self.linear_rounding, names=LOWBIT_FIELDS)
         for name in ("compress_dropout", "exact_linear", "chunked_loss", "require_matches"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            check_bool(getattr(self, name), name)
         for name in ("norm_mode", "gated_mlp_mode"):
-            if getattr(self, name) not in (None, *STRUCTURE_MODES):
-                raise ValueError(f"{name} must be None, 'exact' or 'compressed', got {getattr(self, name)!r}")
+            check_choice(getattr(self, name), name, (None, *STRUCTURE_MODES))
         for name in ("norm_bits", "gated_mlp_bits"):
             check_lowbit_args(getattr(self, name), self.linear_group_size, self.linear_rounding,
                               names=(name, "linear_group_size", "linear_rounding"))
         if self.checkpoint_boundary_bits is not None:
             check_lowbit_args(self.checkpoint_boundary_bits, self.linear_group_size, "nearest",
                               names=("checkpoint_boundary_bits", "linear_group_size", "rounding"))
-        rows = self.loss_chunk_rows
-        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-            raise ValueError(f"loss_chunk_rows must be a positive int, got {rows!r}")
+        check_int(self.loss_chunk_rows, "loss_chunk_rows", lo=1)
         object.__setattr__(self, "overrides", tuple(self._check_override(i, o) for i, o in enumerate(
             self._override_list(self.overrides))))
 

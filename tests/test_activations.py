@@ -259,7 +259,8 @@ def test_double_backward_is_refused():
         g.sum().backward()
 
 
-@pytest.mark.parametrize("bad,exc,msg", [(0, ValueError, "bits must be in 1..8"), (9, ValueError, "bits must be in 1..8"),
+@pytest.mark.parametrize("bad,exc,msg", [(0, ValueError, "bits must be an int in 1..8"),
+                                         (9, ValueError, "bits must be an int in 1..8"),
                                          (2.5, TypeError, "bits must be an int"), (True, TypeError, "bits must be an int")])
 def test_bad_bits(bad, exc, msg):
     with pytest.raises(exc, match=msg):

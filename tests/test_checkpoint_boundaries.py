@@ -116,8 +116,8 @@ def test_recompute_replays_the_rng_and_leaves_the_stream_alone():
 
 
 def test_settings_are_checked():
-    for bad in (1, 9, 2.0, True):
-        with pytest.raises(ValueError, match="boundary_bits must be an int in 2..8"):
+    for bad, exc in ((1, ValueError), (9, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(exc, match="boundary_bits must be an int in 2..8"):
             CompressedCheckpoint(bad)
     with pytest.raises(ValueError, match="boundary_rounding must be one of"):
         CompressedCheckpoint(8, "up")

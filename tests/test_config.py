@@ -31,15 +31,15 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,exc,msg", [
-    ("activation_bits", 0, ValueError, "activation_bits must be in 1..8 or None"),
-    ("activation_bits", 9, ValueError, "activation_bits must be in 1..8 or None"),
+    ("activation_bits", 0, ValueError, "activation_bits must be an int in 1..8 or None"),
+    ("activation_bits", 9, ValueError, "activation_bits must be an int in 1..8 or None"),
     ("activation_bits", "3", TypeError, "activation_bits must be an int"),
     ("activation_bits", True, TypeError, "activation_bits must be an int"),
     ("include", 3, TypeError, "include must be a glob pattern"),
     ("exclude", [""], TypeError, "exclude must be a glob pattern"),
     ("convert_transformers", "yes", TypeError, "convert_transformers must be a bool"),
-    ("proj_dim_ratio", 0.0, ValueError, r"proj_dim_ratio must be in \(0, 1\]"),
-    ("proj_dim_ratio", 2, ValueError, r"proj_dim_ratio must be in \(0, 1\]"),
+    ("proj_dim_ratio", 0.0, ValueError, r"proj_dim_ratio must be a number in \(0, 1\]"),
+    ("proj_dim_ratio", 2, ValueError, r"proj_dim_ratio must be a number in \(0, 1\]"),
     ("proj_dim", -3, ValueError, "proj_dim must be a positive int"),
     ("proj_dim_min", 4, ValueError, "proj_dim_min/proj_dim_max need proj_dim_ratio or proj_dim"),
     ("sketch", "dct", ValueError, "sketch must be one of"),

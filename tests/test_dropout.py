@@ -98,9 +98,10 @@ def test_no_grad_consumes_the_rng_like_torch():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("p", [-0.1, 1.5, "0.5", None, True])
-def test_bad_p(p):
-    with pytest.raises(ValueError, match=r"dropout probability p must be a number in \[0, 1\]"):
+@pytest.mark.parametrize("p,exc", [(-0.1, ValueError), (1.5, ValueError), (float("nan"), ValueError),
+                                   ("0.5", TypeError), (None, TypeError), (True, TypeError)])
+def test_bad_p(p, exc):
+    with pytest.raises(exc, match=r"dropout probability p must be a number in \[0, 1\]"):
         fewbit_dist.Dropout(p)
 
 

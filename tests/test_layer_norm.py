@@ -286,13 +286,14 @@ def test_compressed_weight_gradient_is_unbiased():
 
 def test_rejects_bad_arguments():
     x, w, b = torch.randn(2, 8, requires_grad=True), torch.ones(8), torch.zeros(8)
-    cases = [(dict(mode="fast"), "mode"), (dict(bits=1), "bits"), (dict(bits=9), "bits"), (dict(bits=True), "bits"),
-             (dict(bits=4.0), "bits"), (dict(group_size=0), "group_size"), (dict(rounding="up"), "rounding")]
-    for kwargs, name in cases:
-        with pytest.raises(ValueError, match=name):
+    cases = [(dict(mode="fast"), ValueError, "mode"), (dict(bits=1), ValueError, "bits"),
+             (dict(bits=9), ValueError, "bits"), (dict(bits=True), TypeError, "bits"), (dict(bits=4.0), TypeError, "bits"),
+             (dict(group_size=0), ValueError, "group_size"), (dict(rounding="up"), ValueError, "rounding")]
+    for kwargs, exc, name in cases:
+        with pytest.raises(exc, match=name):
             layer_norm(x, w, b, 1e-5, **kwargs)
-    for eps in (-1.0, float("nan"), "1e-5", None):
-        with pytest.raises(ValueError, match="eps"):
+    for eps, exc in ((-1.0, ValueError), (float("nan"), ValueError), ("1e-5", TypeError), (None, TypeError)):
+        with pytest.raises(exc, match="eps"):
             layer_norm(x, w, b, eps)
     with pytest.raises(ValueError, match="weight"):
         layer_norm(x, torch.ones(7), b, 1e-5)

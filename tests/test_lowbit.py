@@ -259,9 +259,9 @@ def test_state_dict_is_nn_linears_both_ways():
 @pytest.mark.parametrize("kwargs,exc,msg", [
     ({"bits": 1}, ValueError, r"bits must be an int in 2..8"),
     ({"bits": 9}, ValueError, r"bits must be an int in 2..8"),
-    ({"bits": 4.0}, ValueError, r"bits must be an int in 2..8"),
+    ({"bits": 4.0}, TypeError, r"bits must be an int in 2..8, got float 4.0"),
     ({"group_size": 0}, ValueError, "group_size must be a positive int"),
-    ({"group_size": True}, ValueError, "group_size must be a positive int"),
+    ({"group_size": True}, TypeError, "group_size must be a positive int, got bool True"),
     ({"rounding": "floor"}, ValueError, r"rounding must be one of \('stochastic', 'nearest'\)"),
     ({"generator": 1}, TypeError, "generator must be a torch.Generator"),
 ])

@@ -51,9 +51,9 @@ def test_large_sizes(n, bits):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="bits must be in 1..8"):
+    with pytest.raises(ValueError, match="bits must be an int in 1..8"):
         pack_codes(torch.zeros(3, dtype=torch.int64), 9)
-    with pytest.raises(ValueError, match="bits must be in 1..8"):
+    with pytest.raises(ValueError, match="bits must be an int in 1..8"):
         unpack_codes(torch.zeros(3, dtype=torch.uint8), 0, 3)
     with pytest.raises(TypeError, match="bits must be an int"):
         pack_codes(torch.zeros(3, dtype=torch.int64), 2.0)

@@ -147,7 +147,7 @@ def test_bad_arguments():
         table("elu", 3, beta=1.0)
     with pytest.raises(TypeError, match="valid parameters: none"):
         table("tanh", 3, alpha=1.0)
-    with pytest.raises(ValueError, match="bits must be in 1..8"):
+    with pytest.raises(ValueError, match="bits must be an int in 1..8"):
         table("gelu", 9)
     with pytest.raises(TypeError, match="bits must be an int"):
         table("gelu", 3.0)

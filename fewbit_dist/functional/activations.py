@@ -26,8 +26,8 @@ from torch.autograd.function import once_differentiable
 
 from .. import ops
 from ..ops.native import encode_pack_chunked
-from ..quant.packing import check_bits
 from ..quant.tables import Table, canonical_params, function_for, table
+from ..validation import check_bits, check_bool
 
 __all__ = [
     "ActivationSpec", "smooth_spec", "custom_spec", "apply_activation", "DEFAULT_BITS",
@@ -118,8 +118,7 @@ def _check_input(x, name):
 def apply_activation(x: torch.Tensor, spec: ActivationSpec, inplace: bool = False) -> torch.Tensor:
     """Run `spec` on `x`: exact forward, and a few-bit backward when autograd needs one."""
     _check_input(x, spec.name)
-    if not isinstance(inplace, bool):
-        raise TypeError(f"{spec.name}: inplace must be a bool, got {type(inplace).__name__}")
+    check_bool(inplace, f"{spec.name}: inplace")
     if not (x.requires_grad and torch.is_grad_enabled()):
         # Nothing is saved without autograd: plain torch semantics (the in-place form writes x itself).
         if inplace:

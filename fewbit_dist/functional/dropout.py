@@ -13,20 +13,18 @@ p == 0, eval mode or an empty input return the input itself, p == 1 returns inpu
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch.autograd.function import once_differentiable
 
 from ..ops.native import encode_pack, unpack_scale
+from ..validation import check_real
 
 __all__ = ["dropout", "check_dropout_p", "draw_packed_mask"]
 
 
-def check_dropout_p(p) -> float:
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) <= 1.0:
-        raise ValueError(f"dropout probability p must be a number in [0, 1], got {p!r}")
-    return float(p)
+def check_dropout_p(p, name: str = "dropout probability p") -> float:
+    """`p` as a float in [0, 1]: TypeError if it is not a number (a bool, a string), ValueError if outside."""
+    return check_real(p, name, 0, 1)
 
 
 def draw_packed_mask(like: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

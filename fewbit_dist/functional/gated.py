@@ -20,9 +20,10 @@ from typing import Callable, Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..validation import check_callable, check_choice, check_generator, check_tensor
 from . import shared_input
 from .linear import draw_seed
-from .lowbit import quantize_input
+from .lowbit import check_lowbit_args, quantize_input
 
 __all__ = ["gated_product", "GATED_MODES"]
 
@@ -93,10 +94,12 @@ def gated_product(gate: torch.Tensor, up: torch.Tensor, act: Callable[[torch.Ten
                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """act(gate) * up with less saved (see the module docstring). `act` is the model's own elementwise
     activation (a module or function differentiable by torch.autograd)."""
-    if mode not in GATED_MODES:
-        raise ValueError(f"mode must be one of {GATED_MODES}, got {mode!r}")
-    if not callable(act):
-        raise TypeError(f"act must be callable, got {type(act).__name__}")
+    check_tensor(gate, "gate")
+    check_tensor(up, "up")
+    check_callable(act, "act")
+    check_choice(mode, "mode", GATED_MODES)
+    check_lowbit_args(bits, group_size, rounding)
+    check_generator(generator)
     if gate.shape != up.shape:
         raise ValueError(f"gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
     seed = draw_seed(generator) if mode == "compressed" else 0

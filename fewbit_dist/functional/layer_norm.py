@@ -28,14 +28,13 @@ bfloat16 and the Parameters are recast in backward), so nothing is saved twice.
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ..validation import check_choice, check_generator, check_real, check_tensor
 from . import shared_input
 from .linear import draw_seed
 from .lowbit import check_lowbit_args, quantize_input
@@ -177,10 +176,8 @@ class _CompressedRecipe:
 
 
 def _check_param(t, name: str, cols: int) -> None:
-    if t is None:
+    if check_tensor(t, name, optional=True) is None:
         return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
     if tuple(t.shape) != (cols,):
         raise ValueError(f"{name} must have shape ({cols},) (the input's last dimension), got {tuple(t.shape)}")
 
@@ -192,15 +189,11 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
 
     mode: "exact" (gradients unchanged) or "compressed" (xhat saved at `bits` 2..8 per element, in groups of
     `group_size` columns, `rounding` "stochastic" or "nearest"; `generator` draws the rounding seed)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (the normalized one, last)")
-    if mode not in NORM_MODES:
-        raise ValueError(f"mode must be one of {NORM_MODES}, got {mode!r}")
+    check_tensor(x, "x", min_dim=1)
+    check_choice(mode, "mode", NORM_MODES)
     check_lowbit_args(bits, group_size, rounding)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    check_real(eps, "eps", lo=0)
+    check_generator(generator)
     cols = x.shape[-1]
     _check_param(weight, "weight", cols)
     _check_param(bias, "bias", cols)

@@ -39,6 +39,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..ops.native import quantize_groups, unpack_dequantize
+from ..validation import check_bits, check_choice, check_int
 from . import shared_input
 from .linear import apply_linear_function, draw_seed, linear_forward, save_shared_input, shared_input_linear_backward
 
@@ -50,13 +51,12 @@ DEFAULT_GROUP_SIZE = 128
 
 
 def check_lowbit_args(bits, group_size, rounding, names=("bits", "group_size", "rounding")) -> None:
-    """Validate LowBitLinear's settings with errors that name the argument (`names`: how the caller calls them)."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"{names[0]} must be an int in 2..8 (bits per saved input element), got {bits!r}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"{names[1]} must be a positive int (columns per scale), got {group_size!r}")
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"{names[2]} must be one of {ROUNDINGS}, got {rounding!r}")
+    """Validate LowBitLinear's settings with errors that name the argument (`names`: how the caller calls them):
+    bits an int in 2..8 (per saved input element), group_size a positive int (columns per scale), rounding
+    one of ROUNDINGS. TypeError for a wrong type, ValueError for a wrong value (fewbit_dist.validation)."""
+    check_bits(bits, names[0], 2, 8)
+    check_int(group_size, names[1], lo=1)
+    check_choice(rounding, names[2], ROUNDINGS)
 
 
 def group_ranges(x2: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,9 +27,10 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..validation import check_choice, check_generator, check_real, check_tensor
 from . import shared_input
 from .linear import draw_seed
-from .lowbit import quantize_input
+from .lowbit import check_lowbit_args, quantize_input
 
 __all__ = ["rms_norm", "NORM_MODES", "RMS_STYLES"]
 
@@ -136,10 +137,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, style: str = 
              generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """RMSNorm as Hugging Face computes it (`style` "llama" or "gemma"), saving less (see the module
     docstring). Runs with autocast off, as the module's float32 math does."""
-    if style not in RMS_STYLES:
-        raise ValueError(f"style must be one of {RMS_STYLES}, got {style!r}")
-    if mode not in NORM_MODES:
-        raise ValueError(f"mode must be one of {NORM_MODES}, got {mode!r}")
+    check_tensor(x, "x", min_dim=1)
+    check_tensor(weight, "weight")
+    check_real(eps, "eps", lo=0)
+    check_choice(style, "style", RMS_STYLES)
+    check_choice(mode, "mode", NORM_MODES)
+    check_lowbit_args(bits, group_size, rounding)
+    check_generator(generator)
     seed = draw_seed(generator) if mode == "compressed" else 0
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         h, _ = _normalize(x, eps)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..functional import activations as FA
 from ..functional.activations import DEFAULT_BITS, ActivationSpec, apply_activation
-from ..quant.packing import check_bits
+from ..validation import check_bits, check_callable
 
 __all__ = [
     "FewBitModule", "FewBitActivation",
@@ -256,8 +256,7 @@ class FewBitActivation(FewBitModule, nn.Module):
     def __init__(self, source: Callable[[torch.Tensor], torch.Tensor], *, bits: int = DEFAULT_BITS,
                  spec: ActivationSpec | None = None, name: str | None = None):
         super().__init__()
-        if not callable(source):
-            raise TypeError(f"source must be callable, got {type(source).__name__}")
+        check_callable(source, "source")
         check_bits(bits, "FewBitActivation: bits")
         if spec is not None and spec.bits != bits:
             raise ValueError(f"spec has {spec.bits} bits but bits={bits}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -10,17 +9,10 @@ from torch import nn
 
 from ..functional.linear import exact_linear, projection_dim, randomized_linear
 from ..functional.lowbit import DEFAULT_GROUP_SIZE, check_lowbit_args, low_bit_linear
-from ..functional.sketch import DEFAULT_SKETCH, sketch_for
+from ..functional.sketch import DEFAULT_SKETCH, SKETCHES
+from ..validation import check_choice, check_generator, check_optional_int, check_real
 
 __all__ = ["RandomizedLinear", "LowBitLinear", "ExactLinear", "check_projection_args"]
-
-
-def _opt_int(value, name):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    return value
 
 
 def check_projection_args(proj_dim_ratio=None, proj_dim=None, proj_dim_min=None, proj_dim_max=None):
@@ -29,11 +21,10 @@ def check_projection_args(proj_dim_ratio=None, proj_dim=None, proj_dim_min=None,
         raise ValueError("give exactly one of proj_dim_ratio (a fraction of the rows, in (0, 1]) and proj_dim "
                          f"(a number of rows); got proj_dim_ratio={proj_dim_ratio!r}, proj_dim={proj_dim!r}")
     if proj_dim_ratio is not None:
-        if isinstance(proj_dim_ratio, bool) or not isinstance(proj_dim_ratio, (int, float)) \
-                or not math.isfinite(proj_dim_ratio) or not 0 < proj_dim_ratio <= 1:
-            raise ValueError(f"proj_dim_ratio must be in (0, 1], got {proj_dim_ratio!r}")
-    _opt_int(proj_dim, "proj_dim")
-    lo, hi = _opt_int(proj_dim_min, "proj_dim_min"), _opt_int(proj_dim_max, "proj_dim_max")
+        check_real(proj_dim_ratio, "proj_dim_ratio", 0, 1, lo_open=True)
+    check_optional_int(proj_dim, "proj_dim", lo=1)
+    lo = check_optional_int(proj_dim_min, "proj_dim_min", lo=1)
+    hi = check_optional_int(proj_dim_max, "proj_dim_max", lo=1)
     if lo is not None and hi is not None and lo > hi:
         raise ValueError(f"proj_dim_min ({lo}) must be <= proj_dim_max ({hi})")
 
@@ -52,9 +43,8 @@ class RandomizedLinear(nn.Linear):
                  proj_dim_min: Optional[int] = None, proj_dim_max: Optional[int] = None,
                  sketch: str = DEFAULT_SKETCH, generator: Optional[torch.Generator] = None):
         check_projection_args(proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max)
-        sketch_for(sketch)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        check_choice(sketch, "sketch", (None, *sorted(SKETCHES)))
+        check_generator(generator)
         super().__init__(in_features, out_features, bias, device, dtype)
         self.proj_dim_ratio, self.proj_dim = proj_dim_ratio, proj_dim
         self.proj_dim_min, self.proj_dim_max = proj_dim_min, proj_dim_max
@@ -90,8 +80,7 @@ class LowBitLinear(nn.Linear):
                  bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE, rounding: str = "stochastic",
                  generator: Optional[torch.Generator] = None):
         check_lowbit_args(bits, group_size, rounding)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        check_generator(generator)
         super().__init__(in_features, out_features, bias, device, dtype)
         self.bits, self.group_size, self.rounding, self.generator = bits, group_size, rounding, generator
 

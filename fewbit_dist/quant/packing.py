@@ -17,18 +17,16 @@ from typing import Optional
 
 import torch
 
+from .. import validation
+
 __all__ = ["packed_nbytes", "pack_codes", "unpack_codes", "check_bits", "CHUNK"]
 
 CHUNK = 1 << 20  # elements per step; a multiple of 8, so every chunk starts on a byte boundary
 
 
 def check_bits(bits, label: str = "bits") -> int:
-    """The one check of a bit-width everywhere in the package: an int in 1..8 (`label` names it)."""
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise TypeError(f"{label} must be an int in 1..8, got {type(bits).__name__}")
-    if not 1 <= bits <= 8:
-        raise ValueError(f"{label} must be in 1..8, got {bits}")
-    return bits
+    """A code width: an int in 1..8 (`label` names it); see fewbit_dist.validation.check_bits."""
+    return validation.check_bits(bits, label, 1, 8)
 
 
 def packed_nbytes(numel: int, bits: int) -> int:

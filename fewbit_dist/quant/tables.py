@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..validation import check_choice, check_real
 from .dp import optimal_segmentation, refine_borders
 from .packing import check_bits
 
@@ -259,13 +260,13 @@ def _builtin() -> dict[str, dict]:
 
 def _check_common(bits, weight, domain):
     check_bits(bits)
-    if weight not in WEIGHTS:
-        raise ValueError(f"weight must be one of {WEIGHTS}, got {weight!r}")
+    check_choice(weight, "weight", WEIGHTS)
     try:
-        lo, hi = (float(v) for v in domain)
+        lo, hi = domain
     except (TypeError, ValueError):
         raise TypeError(f"domain must be a pair of numbers (lo, hi), got {domain!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < 0 < hi):
+    lo, hi = check_real(lo, "domain's lo"), check_real(hi, "domain's hi")
+    if not lo < 0 < hi:
         raise ValueError(f"domain must be finite with lo < 0 < hi, got {domain!r}")
     return lo, hi
 
