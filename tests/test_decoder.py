@@ -478,8 +478,8 @@ def test_chunked_loss_keeps_no_logits():
 
 def test_chunked_loss_rejects_bad_arguments():
     head, h, labels = loss_case()
-    for bad in (0, -1, 2.5, True):
-        with pytest.raises(ValueError, match="chunk_rows"):
+    for bad, error in ((0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="chunk_rows"):
             chunked_causal_lm_loss(h, head, labels, chunk_rows=bad)
     with pytest.raises(ValueError, match="labels"):
         chunked_causal_lm_loss(h, head)

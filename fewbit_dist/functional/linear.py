@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import shared_input
+from ..validation import check_int
 from .sketch import sketch_for
 
 __all__ = ["randomized_linear", "exact_linear", "projection_dim", "draw_seed", "apply_linear_function",
@@ -213,8 +214,7 @@ def randomized_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[
 
     Under torch.autocast the operands are cast to the autocast dtype first, as autocast does for F.linear.
     """
-    if not isinstance(proj_dim, int) or isinstance(proj_dim, bool) or proj_dim < 1:
-        raise ValueError(f"proj_dim must be a positive int, got {proj_dim!r}")
+    check_int(proj_dim, "proj_dim", lo=1)
     sketch_for(sketch)  # validate the name early
     # Always draw, with or without autograd: reentrant checkpointing runs the forward once without grad and
     # again with it from the same RNG state, and both runs must consume the RNG alike (dropout after us!).

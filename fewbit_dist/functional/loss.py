@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..validation import check_int
+
 __all__ = ["chunked_causal_lm_loss", "DEFAULT_CHUNK_ROWS"]
 
 DEFAULT_CHUNK_ROWS = 1024
@@ -40,8 +42,7 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: 
                            softcap: Optional[float] = None) -> torch.Tensor:
     """The causal-LM loss of `head(hidden)` against `labels` (shifted by one, as transformers does) or
     `shift_labels` (already shifted), computed `chunk_rows` rows at a time."""
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    check_int(chunk_rows, "chunk_rows", lo=1)
     if shift_labels is None:
         if labels is None:
             raise ValueError("give labels (unshifted) or shift_labels")

@@ -16,6 +16,7 @@ from torch import nn
 from ..functional.layer_norm import layer_norm
 from ..functional.lowbit import check_lowbit_args
 from ..functional.norm import NORM_MODES
+from ..validation import check_choice
 from .decoder import set_forward
 
 __all__ = ["is_layer_norm", "convert_layer_norm"]
@@ -40,8 +41,7 @@ def convert_layer_norm(module: nn.Module, mode: str, bits: int, group_size: int,
     converting again replaces the settings."""
     if not is_layer_norm(module):
         return False
-    if mode not in NORM_MODES:
-        raise ValueError(f"mode must be one of {NORM_MODES}, got {mode!r}")
+    check_choice(mode, "mode", NORM_MODES)
     check_lowbit_args(bits, group_size, rounding)
     module.__dict__["_fewbit_layer_norm"] = dict(mode=mode, bits=bits, group_size=group_size, rounding=rounding)
     set_forward(module, _layer_norm_forward)
