@@ -289,6 +289,14 @@ def test_convert_hugging_face_with_classifier_kept_exact():
         return [torch.cat([d[n].grad.flatten() for n in sorted(names)]) for d in (grads, ref_grads)]
 
     assert relative_error(*flat(grads.keys() - sketched)) < 0.005  # measured 6e-4
+    # and per parameter, so that a small error in one layer's grad_x is not hidden by the large classifier and
+    # embedding gradients: the biases and norms get exact gradients up to the 3-bit GELU derivative (measured
+    # <= 0.002), except the FFN's first bias, right below the GELU (measured 0.11); key.bias's is zero
+    for name in sorted(grads.keys() - sketched):
+        if name.endswith("key.bias") or name.startswith("classifier"):
+            continue
+        bound = 0.2 if "intermediate.dense" in name else 0.005
+        assert relative_error(grads[name].grad, ref_grads[name].grad) < bound, name
     assert torch.nn.functional.cosine_similarity(*flat(sketched), dim=0) > 0.5  # measured 0.76
     fresh = transformers.RobertaForSequenceClassification(cfg)
     fresh.load_state_dict(model.state_dict(), strict=True)

@@ -304,6 +304,18 @@ def test_reference_fallback_gives_the_same_gradients(monkeypatch, rounding):
     """The native kernels (FEWBIT_NATIVE=1: native or an error) and the reference (FEWBIT_NATIVE=0) give the
     same weight gradient bit for bit, and it is g^T x_hat."""
     require_native("cpu")
+    calls = []  # which native kernels ran: the two modes must really take different paths
+
+    class Counting:
+        def __init__(self, mod):
+            self.mod = mod
+
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(self.mod, name)
+
+    find = native.native_module
+    monkeypatch.setattr(native, "native_module", lambda *a, **k: (lambda m: m and Counting(m))(find(*a, **k)))
     torch.manual_seed(0)
     x = torch.randn(33, 50)
     w = torch.randn(7, 50, requires_grad=True)
@@ -311,10 +323,13 @@ def test_reference_fallback_gives_the_same_gradients(monkeypatch, rounding):
     grads = []
     for mode in ("1", "0"):
         monkeypatch.setenv("FEWBIT_NATIVE", mode)
+        calls.clear()
         w.grad = None
         gen = torch.Generator().manual_seed(1)
         low_bit_linear(x, w, None, bits=3, group_size=16, rounding=rounding, generator=gen).backward(g)
         grads.append(w.grad.clone())
+        native_ran = {"quantize_groups", "unpack_dequantize"} <= set(calls)
+        assert native_ran == (mode == "1"), (mode, calls)
     assert torch.equal(*grads)
     seed = draw_seed(torch.Generator().manual_seed(1))
     assert_product_close(grads[0], g.t(), expected_x_hat(x, 3, 16, rounding, seed))
