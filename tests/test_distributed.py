@@ -174,11 +174,13 @@ def test_two_ranks_equal_one_process(strategy, variant, single_runs):
     for key, value in single.items():
         torch.testing.assert_close(dist_run[key], value, rtol=1e-4, atol=1e-5, msg=f"{strategy}: {key}")
         # The weights move little in 4 steps, less than the tolerance above: compare the updates themselves,
-        # to 0.1% of their size plus 1e-7 per element (rms) for updates that are rounding noise (the key bias,
-        # whose gradient is zero in exact arithmetic). Rank-dependent rounding fails this (checked).
+        # to 0.1% of their size plus 1e-9 per element (rms). The key bias is left out: its gradient is zero in
+        # exact arithmetic, so its update is Adam-normalized rounding noise. Rank-dependent rounding, or an
+        # error of 1% in one rank's weight gradient, fails this (checked by mutation).
         update, dist_update = (value - initial[key]).double(), (dist_run[key] - initial[key]).double()
-        allowed = 1e-3 * update.norm() + 1e-7 * update.numel() ** 0.5
-        assert (dist_update - update).norm() <= allowed, f"{strategy}: {key}"
+        if not key.endswith("key.bias"):
+            allowed = 1e-3 * update.norm() + 1e-9 * update.numel() ** 0.5
+            assert (dist_update - update).norm() <= allowed, f"{strategy}: {key}"
         moved += not torch.equal(value, initial[key])
     assert moved > len(single) // 2  # training really changed the weights
     losses_1 = json.loads((d / "single.json").read_text())["losses"]
