@@ -41,22 +41,24 @@ def test_explicit_tensor_exclusion_and_helpers():
 
 
 def test_a_forward_without_backward_under_the_meter_leaks_nothing():
-    """The meter's pack hook must not tie a saved output to its own node (a cycle the GC cannot see)."""
+    """The meter's pack hook must not tie a saved output to its own node (a cycle the GC cannot see): once the
+    forward's results are dropped, the tensors it saved are freed. (Watched through weak references to those
+    tensors, not a count of all live tensors, which other tests' caches change.)"""
     import gc
-
-    def live_tensors():
-        gc.collect()
-        return sum(1 for o in gc.get_objects() if type(o) in (torch.Tensor, nn.Parameter))
+    import weakref
 
     w = torch.randn(20, 20, requires_grad=True)
     x = torch.randn(8, 20)
-    with SavedTensorMeter() as meter:
-        torch.sigmoid(x @ w).sum()
-    before = live_tensors()
+    refs = []
     for _ in range(5):
         with SavedTensorMeter() as meter:
-            torch.sigmoid(x @ w).sum()  # sigmoid saves its output
-    assert live_tensors() == before and meter.nbytes == 2 * 8 * 20 * 4  # x (for grad w) and the output
+            y = torch.sigmoid(x @ w)  # sigmoid saves its output
+            y.sum()
+        refs.append(weakref.ref(y))
+        del y
+    gc.collect()
+    assert [r() for r in refs] == [None] * 5
+    assert meter.nbytes == 2 * 8 * 20 * 4  # x (for grad w) and the output
 
 
 # -- PeakMemory ----------------------------------------------------------------------------------------------
