@@ -3,29 +3,23 @@ exact preset's gradient, and the measured-presets file it writes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 import fewbit_dist.presets
 
+from utils import load_launch_script
+
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny-llama", "--tokens", "2x16", "--layers", "1", "--hidden", "32", "--intermediate", "64",
         "--heads", "4", "--kv-heads", "2", "--vocab", "128"]
 
 
 def bench():
-    sys.path.insert(0, str(ROOT / "launch"))
-    spec = importlib.util.spec_from_file_location("bench_decoder", ROOT / "launch" / "bench_decoder.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_launch_script("bench_decoder")
 
 
 @pytest.fixture(scope="module")

@@ -4,26 +4,19 @@ gradients are vanilla's up to float rounding), so its final held-out loss is van
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("transformers")
 
 from test_train_hf import make_tiny_qwen2, sample_text  # noqa: E402
+from utils import load_launch_script  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench():
-    sys.path.insert(0, str(ROOT / "launch"))
-    spec = importlib.util.spec_from_file_location("bench_finetune", ROOT / "launch" / "bench_finetune.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_launch_script("bench_finetune")
 
 
 @pytest.mark.slow

@@ -101,3 +101,18 @@ def check_autocast_exact_parts(y, y_ref, lin, ref, a, b):
     torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
     torch.testing.assert_close(lin.bias.grad, ref.bias.grad, rtol=rtol, atol=atol)
     return g
+
+
+def load_launch_script(name: str):
+    """launch/NAME.py as a module (launch/ is a folder of scripts, not a package; its siblings importable)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    launch = Path(__file__).resolve().parents[1] / "launch"
+    if str(launch) not in sys.path:
+        sys.path.insert(0, str(launch))
+    spec = importlib.util.spec_from_file_location(name, launch / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
