@@ -14,7 +14,7 @@ from fewbit_dist.ops import native
 
 from conftest import TOL
 from utils import (assert_product_close, check_autocast_exact_parts, linear_pair, lowbit_saved_nbytes as saved_nbytes,
-                   require_native)
+                   relative_error, require_native)
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -370,3 +370,39 @@ def test_aliases_of_one_tensor_share_and_others_do_not():
         q(x[:6])
         k(x[6:])  # the same storage, other elements
     assert meter.nbytes == 2 * saved_nbytes(6, 16, 4, 128)
+
+
+@pytest.mark.parametrize("mode", ["exact", "compressed"])
+def test_sharing_stays_inside_one_checkpoint_region(mode):
+    """A norm at the end of one non-reentrant checkpoint region and linears reading its output in the next
+    (BERT's output LayerNorm and the next layer's Q/K/V): the readers must save the same tensors in the forward
+    and in their region's recompute, so they do not take the norm's form across the boundary. Gradients are
+    those of the unconverted layers (exact) or close (compressed)."""
+    from fewbit_dist.functional import shared_input
+    from fewbit_dist.functional.layer_norm import layer_norm
+
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(32)
+    q, k = LowBitLinear(32, 16, bits=8), fewbit_dist.nn.ExactLinear(32, 16)
+    x = torch.randn(24, 32, requires_grad=True)
+
+    def first(t):
+        return layer_norm(t, norm.weight, norm.bias, norm.eps, mode=mode)
+
+    def second(h):
+        return q(h).square().sum() + k(h).square().sum()
+
+    h = checkpoint(first, x, use_reentrant=False)
+    out = checkpoint(second, h, use_reentrant=False)
+    for _ in range(shared_input.CAPACITY):  # later layers' norms offer theirs: the first norm's entry is evicted
+        layer_norm(torch.randn(4, 32, requires_grad=True), norm.weight, norm.bias, norm.eps, mode=mode)
+    out.backward()  # raised CheckpointError when the readers shared across the boundary
+    got = [t.grad.clone() for t in (x, norm.weight, q.weight, k.weight)]
+    for t in (x, norm.weight, q.weight, k.weight):
+        t.grad = None
+    h = nn.functional.layer_norm(x, (32,), norm.weight, norm.bias, norm.eps)
+    loss = nn.functional.linear(h, q.weight, q.bias).square().sum()
+    (loss + nn.functional.linear(h, k.weight, k.bias).square().sum()).backward()
+    exact_parts = mode == "exact"  # x, the norm's and k's weights; q's weight gradient is 8-bit either way
+    for i, (a, b) in enumerate(zip(got, (x.grad, norm.weight.grad, q.weight.grad, k.weight.grad))):
+        assert relative_error(a, b) < (1e-5 if exact_parts and i != 2 else 0.02), i

@@ -17,6 +17,12 @@ A `SavedInput` is the saved form of a [rows, cols] input:
   rebuilds act(gate) * up from gate and up);
 - lossy: low-bit codes (`fewbit_dist.functional.lowbit.QuantizedInput`), or a recipe over lossy parts.
 
+Only readers under the same saved-tensor hooks as the producer share its form (the innermost
+torch.autograd.graph.saved_tensors_hooks, which non-reentrant checkpointing installs per region). A region
+that checkpointing recomputes must save the same tensors as in its forward: a reader whose producer sits in
+the previous region (BERT's output LayerNorm feeds the next layer's Q/K/V) found the entry in the forward but
+would not in the recompute, so it saves its own form in both.
+
 Under torch.compile nothing is shared: the keys are memory addresses, which a traced graph cannot read, and
 AOT autograd decides what the compiled graph saves from the whole graph anyway. `offer` and `take` then do
 nothing, and each reader saves its own form of its input (the same values; more bytes than eager).
@@ -31,6 +37,7 @@ layers offer.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -90,6 +97,19 @@ class RecomputedInput(SavedInput):
         return lambda tensors, dtype: fn(*tensors, dtype=dtype)
 
 
+def _hooks_context():
+    """A weak reference to the innermost saved-tensor pack hook (None outside any): what a region of
+    non-reentrant checkpointing (or a meter) is identified by. Weak, so an entry never keeps a checkpoint
+    frame alive."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return None if top is None else weakref.ref(top[0])
+
+
+def _same_context(ref) -> bool:
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return (ref is None and top is None) or (ref is not None and top is not None and ref() is top[0])
+
+
 def memory_key(x: torch.Tensor, *extra) -> tuple:
     """What identifies the contents of `x` while it lives: its memory and version counter (+ `extra`)."""
     return (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()),
@@ -111,7 +131,7 @@ def _entries() -> list:
 
 
 def _slot():
-    """The most recent entry (key, storage, saved form), or None."""
+    """The most recent entry (key, storage, saved form, hooks context), or None."""
     entries = _entries()
     return entries[0] if entries else None
 
@@ -126,7 +146,7 @@ def offer(x: torch.Tensor, saved: SavedInput, tag=None) -> Optional[tuple]:
     key = memory_key(x, tag)
     entries = _entries()
     entries[:] = [e for e in entries if e[0] != key]
-    entries.insert(0, (key, x.untyped_storage(), saved))
+    entries.insert(0, (key, x.untyped_storage(), saved, _hooks_context()))
     del entries[CAPACITY:]
     return key
 
@@ -141,8 +161,10 @@ def take(x: torch.Tensor, exact: bool, tag=None) -> tuple[Optional[tuple], Optio
         return None, None
     want = memory_key(x)
     for i, entry in enumerate(entries):
-        key, _, saved = entry
+        key, _, saved, context = entry
         if key[:-1] != want or (exact and not saved.exact) or (key[-1] is not None and key[-1] != tag):
+            continue
+        if not _same_context(context):  # another checkpoint region: it would not be there in the recompute
             continue
         if i:  # most recently used first
             entries.insert(0, entries.pop(i))
