@@ -87,7 +87,9 @@ class FewBitConfig:
         gated_mlp_bits ("compressed"); the down projection shares them instead of saving its input.
     gated_mlp_bits: 2..8, for gated_mlp_mode "compressed" (default 8).
     chunked_loss: a Hugging Face *ForCausalLM given labels computes its loss from the hidden states in
-        chunks of loss_chunk_rows rows and returns logits=None (without labels it is unchanged). Default False.
+        chunks of loss_chunk_rows rows and returns logits=None (without labels it is unchanged): a fused
+        linear cross-entropy that forms the head's gradients in forward when the head is a plain linear
+        layer, else chunks under checkpointing (fewbit_dist.functional.loss). Default False.
     loss_chunk_rows: rows per chunk (default 1024).
     checkpoint_boundary_bits: None (default) or 2..8: with activation checkpointing on (train.py,
         fewbit_dist.integrations.checkpointing.enable), keep each checkpointed block's input at that many bits

@@ -15,7 +15,7 @@ from torch import nn
 
 import fewbit_dist
 from fewbit_dist.functional.gated import gated_product
-from fewbit_dist.functional.loss import chunked_causal_lm_loss
+from fewbit_dist.functional.loss import chunked_causal_lm_loss, fuse_head, is_fused_head
 from fewbit_dist.functional.norm import rms_norm
 from fewbit_dist.memory import SavedTensorMeter
 
@@ -407,10 +407,12 @@ def test_gated_product_rejects_bad_arguments():
 # ------------------------------------------------------------------------------------------ chunked loss
 
 
-def loss_case(seed=0, batch=2, length=13, hidden=24, vocab=50):
+def loss_case(seed=0, batch=2, length=13, hidden=24, vocab=50, fused=False, bias=False):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    head = nn.Linear(hidden, vocab, bias=False)
+    head = nn.Linear(hidden, vocab, bias=bias)
+    if fused:
+        assert fuse_head(head)
     h = torch.randn(batch, length, hidden, generator=g)
     labels = torch.randint(0, vocab, (batch, length), generator=g)
     labels[0, :4] = -100  # a padded prompt
@@ -418,18 +420,25 @@ def loss_case(seed=0, batch=2, length=13, hidden=24, vocab=50):
     return head, h, labels
 
 
-def hf_loss(head, h, labels, **kwargs):
+def hf_loss(head, h, labels, softcap=None, **kwargs):
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    return ForCausalLMLoss(head(h), labels, head.out_features, **kwargs)
+    logits = head(h)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return ForCausalLMLoss(logits, labels, head.out_features, **kwargs)
 
 
+PATHS = pytest.mark.parametrize("fused", [False, True], ids=["checkpointed", "fused"])
+
+
+@PATHS
 @pytest.mark.parametrize("chunk_rows", [1, 5, 7, 26, 1000])
 @pytest.mark.parametrize("items", [None, 17, "tensor"])
-def test_chunked_loss_equals_transformers(chunk_rows, items):
+def test_chunked_loss_equals_transformers(chunk_rows, items, fused):
     """Value and gradients (hidden states and head weight) of transformers' ForCausalLMLoss, with ignored labels,
-    num_items_in_batch (int or tensor), chunk sizes that do not divide the 26 rows."""
-    head, h0, labels = loss_case()
+    num_items_in_batch (int or tensor), chunk sizes that do not divide the 26 rows; both paths."""
+    head, h0, labels = loss_case(fused=fused)
     kwargs = {} if items is None else {"num_items_in_batch": torch.tensor(17) if items == "tensor" else items}
     h = h0.clone().requires_grad_()
     ref = hf_loss(head, h, labels, **kwargs)
@@ -444,8 +453,31 @@ def test_chunked_loss_equals_transformers(chunk_rows, items):
     torch.testing.assert_close(head.weight.grad, ref_grads[1], rtol=1e-5, atol=1e-7)
 
 
-def test_chunked_loss_shift_labels_ignore_index_and_autocast():
-    head, h0, labels = loss_case(seed=1)
+@PATHS
+def test_chunked_loss_bias_softcap_and_scaled_backward(fused):
+    """A head with bias, Gemma-2's final logit soft-capping, and an upstream gradient that is not 1 (gradient
+    accumulation, loss scaling): every gradient as transformers' times that factor."""
+    head, h0, labels = loss_case(seed=2, fused=fused, bias=True)
+    with torch.no_grad():
+        head.weight.mul_(20)  # logits of tens: the soft cap (30) bends them
+    h = h0.clone().requires_grad_()
+    (hf_loss(head, h, labels, softcap=30.0) * 0.25).backward()
+    ref = [h.grad, head.weight.grad.clone(), head.bias.grad.clone()]
+    head.zero_grad()
+    h2 = h0.clone().requires_grad_()
+    (chunked_causal_lm_loss(h2, head, labels, chunk_rows=6, softcap=30.0) * 0.25).backward()
+    for got, want in zip([h2.grad, head.weight.grad, head.bias.grad], ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    # the soft cap changes the gradients (else this test could not tell a path that ignores it)
+    head.zero_grad()
+    h3 = h0.clone().requires_grad_()
+    chunked_causal_lm_loss(h3, head, labels, chunk_rows=6).mul(0.25).backward()
+    assert (h3.grad - ref[0]).abs().max() > 1e-3
+
+
+@PATHS
+def test_chunked_loss_shift_labels_ignore_index_and_autocast(fused):
+    head, h0, labels = loss_case(seed=1, fused=fused)
     shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
     torch.testing.assert_close(chunked_causal_lm_loss(h0, head, shift_labels=shifted, chunk_rows=4),
                                hf_loss(head, h0, None, shift_labels=shifted), rtol=1e-6, atol=1e-6)
@@ -458,22 +490,60 @@ def test_chunked_loss_shift_labels_ignore_index_and_autocast():
         h2 = h0.clone().requires_grad_()
         loss = chunked_causal_lm_loss(h2, head, labels, chunk_rows=5)
     ref.backward()
+    ref_w = head.weight.grad.clone()
+    head.zero_grad()
     loss.backward()
-    assert loss.dtype == torch.float32
+    assert loss.dtype == torch.float32 and h2.grad.dtype == torch.float32
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(h2.grad, h.grad, rtol=0, atol=0)  # per-row logits: the same operations
+    if fused:  # softmax - one-hot formed in another order, the weight gradient summed over chunks in fp32:
+        # bf16 rounding of the same products (a bf16 ulp is 2^-8 of the largest entries)
+        for got, want in ((h2.grad, h.grad), (head.weight.grad, ref_w)):
+            torch.testing.assert_close(got, want, rtol=0, atol=2**-7 * want.abs().max().item())
+    else:  # per-row logits: the same operations
+        torch.testing.assert_close(h2.grad, h.grad, rtol=0, atol=0)
 
 
-def test_chunked_loss_keeps_no_logits():
-    """What the loss keeps for backward: the chunks' inputs (checkpointed), nothing of vocabulary size."""
-    head, h0, labels = loss_case(vocab=4096)
+@PATHS
+def test_chunked_loss_keeps_no_logits(fused):
+    """What the loss keeps for backward: the chunks' inputs (checkpointed) or the hidden states' gradient
+    (fused), nothing of vocabulary size."""
+    head, h0, labels = loss_case(vocab=4096, fused=fused)
     h = h0.clone().requires_grad_()
     with SavedTensorMeter(head) as meter:
         chunked_causal_lm_loss(h, head, labels, chunk_rows=8)
     assert all(4096 not in r.shape for r in meter.records), meter.records
+    assert meter.nbytes <= h0.numel() * 4 + labels.numel() * 8 + 64  # hidden states (or their gradient), targets, scalars
     with SavedTensorMeter(head) as vanilla:
         hf_loss(head, h, labels)
     assert meter.nbytes < 0.1 * vanilla.nbytes
+
+
+def test_fused_loss_frozen_head_and_one_backward():
+    """A frozen head (PEFT's base model): no weight gradient is formed, the hidden states' one is exact; the
+    fused backward hands over what forward formed once, and says so on a second backward."""
+    head, h0, labels = loss_case(fused=True)
+    head.weight.requires_grad_(False)
+    h = h0.clone().requires_grad_()
+    hf_loss(head, h, labels).backward()
+    h2 = h0.clone().requires_grad_()
+    loss = chunked_causal_lm_loss(h2, head, labels, chunk_rows=7)
+    loss.backward(retain_graph=True)
+    assert head.weight.grad is None
+    torch.testing.assert_close(h2.grad, h.grad, rtol=1e-5, atol=1e-7)
+    with pytest.raises(RuntimeError, match="once"):
+        loss.backward()
+
+
+def test_fuse_head_only_plain_linear_heads():
+    """fuse_head takes nn.Linear and ExactLinear (a call without a target is unchanged) and leaves other heads
+    on the checkpointed path; convert fuses a causal LM's plain head."""
+    plain, low_bit = nn.Linear(8, 5), fewbit_dist.LowBitLinear(8, 5, bits=4)
+    x = torch.randn(3, 8)
+    want = plain(x)
+    assert fuse_head(plain) and is_fused_head(plain)
+    torch.testing.assert_close(plain(x), want, rtol=0, atol=0)
+    assert fuse_head(fewbit_dist.ExactLinear(8, 5))
+    assert not fuse_head(low_bit) and not is_fused_head(low_bit)
 
 
 def test_chunked_loss_rejects_bad_arguments():

@@ -1,32 +1,179 @@
-"""Causal-LM loss in row chunks: the vocabulary's logits never exist for the whole batch at once.
+"""Causal-LM loss without the vocabulary's logits: a fused linear cross-entropy, or chunks under checkpointing.
 
 Hugging Face computes `logits = lm_head(hidden)` for every token, upcasts them to float32 and keeps them for
 the cross-entropy's backward: 4 * vocab bytes per token (196 KiB for a 49k vocabulary), often the largest
-single tensor of a step. Here the flattened hidden states are cut into chunks of `chunk_rows` rows; each
-chunk's logits and loss run under non-reentrant activation checkpointing, so backward recomputes one
-chunk's logits at a time and nothing of vocabulary size is kept between forward and backward.
+single tensor of a step. Here the flattened hidden states are cut into chunks of `chunk_rows` rows, and one
+of two paths runs:
 
-The head is called as a module (`head(h)`), never through its weight: DeepSpeed ZeRO-3 gathers a module's
-parameters in that module's forward hooks (also when checkpointing recomputes it), FSDP likewise. Tied
-embeddings stay tied: the head module owns (or shares) its weight as usual.
+- fused (a head whose forward is F.linear: nn.Linear or ExactLinear, made ready by `fuse_head`, which
+  `convert` does): the forward computes, chunk by chunk, the logits, their loss and at once their gradient,
+  and from it the gradients of the hidden states and of the head's weight and bias. It keeps the hidden
+  states' gradient (the size of the hidden states, in the compute dtype) for backward, and the head's
+  parameter gradients, which backward hands to autograd. Nothing is recomputed: the step does the head's
+  three matrix products once, as without this loss, instead of four. The whole computation runs inside the
+  head module's forward (`head(h, fewbit_loss_target=...)`), so DeepSpeed ZeRO-3 and FSDP gather the
+  weight there as for any forward.
+- checkpointed (any other head: LoRA-wrapped, low-bit, quantized): each chunk's logits and loss run under
+  non-reentrant activation checkpointing, so backward recomputes one chunk's logits at a time.
 
 Exact: the same shift, ignore_index and reduction as transformers' ForCausalLMLoss (mean over non-ignored
-labels, or sum / num_items_in_batch); the value differs from it only by the order of float summation.
+labels, or sum / num_items_in_batch); values and gradients differ from it only by float rounding (the fused
+path forms softmax - one-hot itself, and accumulates the head's weight gradient over chunks in float32).
+Under autocast the matrix products run in the autocast dtype, as F.linear's would.
+
+The head's parameter gradients exist from the end of the forward rather than from the start of the
+backward; they are parameter gradients, not saved activations, so SavedTensorMeter does not count them.
+The fused backward may run once (retain_graph=True and a second backward raise).
 """
 
 from __future__ import annotations
 
+import types
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..validation import check_int
 
-__all__ = ["chunked_causal_lm_loss", "DEFAULT_CHUNK_ROWS"]
+__all__ = ["chunked_causal_lm_loss", "linear_cross_entropy_sum", "fuse_head", "is_fused_head",
+           "DEFAULT_CHUNK_ROWS"]
 
 DEFAULT_CHUNK_ROWS = 1024
+_FUSED = "_fewbit_fused_head"
+
+
+# ------------------------------------------------------------------------------------------ fused path
+
+
+def _chunk_grad_logits(x: torch.Tensor, t: torch.Tensor, ignore_index: int, scale, softcap: Optional[float]):
+    """From float32 logits `x` (rows x vocab, overwritten) and targets `t`: (the rows' summed loss,
+    d(loss * scale)/d(logits) in `x`'s storage)."""
+    tanh = None
+    if softcap is not None:
+        tanh = torch.tanh(x / softcap)
+        x = torch.mul(tanh, softcap, out=x)
+    valid = t != ignore_index
+    safe = torch.where(valid, t, torch.zeros_like(t))
+    lse = torch.logsumexp(x, dim=1)
+    picked = x.gather(1, safe[:, None]).squeeze(1)
+    loss = torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
+    x.sub_(lse[:, None]).exp_()  # softmax
+    x.scatter_add_(1, safe[:, None], -valid.to(x.dtype)[:, None])  # - one-hot (valid rows)
+    x.mul_((valid.to(x.dtype) * scale)[:, None])  # ignored rows: 0
+    if tanh is not None:  # d softcap*tanh(z/softcap) / dz = 1 - tanh^2
+        x.mul_(tanh.square_().neg_().add_(1))
+    return loss, x
+
+
+class _LinearCrossEntropyFn(torch.autograd.Function):
+    """loss = sum over valid rows of cross_entropy(h W^T + b) * scale, with every gradient formed in forward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, scale, ignore_index, chunk_rows, softcap, compute_dtype):
+        dt = compute_dtype or h.dtype
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        w = weight if weight.dtype == dt else weight.to(dt)
+        b = None if bias is None else (bias if bias.dtype == dt else bias.to(dt))
+        grad_h = torch.empty(h.shape, dtype=dt, device=h.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        total = None
+        for r0 in range(0, h.shape[0], chunk_rows):
+            hc = h[r0:r0 + chunk_rows]
+            hc = hc if hc.dtype == dt else hc.to(dt)
+            logits = F.linear(hc, w, b)
+            x = logits if logits.dtype == torch.float32 else logits.float()
+            part, g = _chunk_grad_logits(x, target[r0:r0 + chunk_rows], ignore_index, scale, softcap)
+            total = part if total is None else total + part
+            g = g if g.dtype == dt else g.to(dt)
+            if need_h:
+                torch.mm(g, w, out=grad_h[r0:r0 + chunk_rows])
+            if need_w:
+                if dt == torch.float32:
+                    grad_w.addmm_(g.t(), hc)
+                else:
+                    grad_w += torch.mm(g.t(), hc)
+            if need_b:
+                grad_b += g.sum(0, dtype=torch.float32)
+        ctx.h_dtype, ctx.used = h.dtype, False
+        ctx.grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        ctx.grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        ctx.save_for_backward(grad_h)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.used:
+            raise RuntimeError("the fused linear cross-entropy can run its backward once (it hands over "
+                               "gradients it formed in forward); retain_graph=True is not supported")
+        ctx.used = True
+        (grad_h,) = ctx.saved_tensors
+        grad_w, grad_b = ctx.grad_w, ctx.grad_b
+        ctx.grad_w = ctx.grad_b = None
+        if grad_h is not None:
+            grad_h = grad_h.mul_(grad_out).to(ctx.h_dtype)
+        if grad_w is not None:
+            grad_w.mul_(grad_out)
+        if grad_b is not None:
+            grad_b.mul_(grad_out)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                             target: torch.Tensor, scale, *, ignore_index: int = -100,
+                             chunk_rows: int = DEFAULT_CHUNK_ROWS, softcap: Optional[float] = None) -> torch.Tensor:
+    """`scale * sum(cross_entropy(hidden @ weight.T + bias, target, ignore_index, reduction="none"))` as one
+    fused op (hidden: rows x features, target: rows); see the module docstring. `scale` is a number or a
+    0-d tensor (e.g. 1 / the count of valid targets)."""
+    check_int(chunk_rows, "chunk_rows", lo=1)
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    with torch.autocast(device_type, enabled=False):
+        if torch.is_tensor(scale):
+            scale = scale.to(device=hidden.device, dtype=torch.float32)
+        return _LinearCrossEntropyFn.apply(hidden, weight, bias, target, scale, ignore_index, chunk_rows,
+                                           softcap, dtype)
+
+
+def _fused_head_forward(self, input, fewbit_loss_target=None, **loss_kwargs):
+    if fewbit_loss_target is None:
+        return type(self).forward(self, input)
+    return linear_cross_entropy_sum(input, self.weight, self.bias, fewbit_loss_target, **loss_kwargs)
+
+
+def is_fusable_head(head: nn.Module) -> bool:
+    """A head whose forward is F.linear on its own weight and bias (nn.Linear, ExactLinear)."""
+    from ..nn.linear import ExactLinear
+
+    return (type(head).forward in (nn.Linear.forward, ExactLinear.forward)
+            and isinstance(getattr(head, "weight", None), torch.Tensor)
+            and not getattr(head, "parametrizations", None))
+
+
+def fuse_head(head: nn.Module) -> bool:
+    """Let `head(h, fewbit_loss_target=t, scale=..., ...)` compute the fused linear cross-entropy inside the
+    head's own forward (its hooks, ZeRO-3's and FSDP's gathers included, run as for any call); a call without
+    `fewbit_loss_target` is unchanged. True if `head` is fusable (is_fusable_head) and is now fused."""
+    if is_fused_head(head):
+        return True
+    if not is_fusable_head(head):
+        return False
+    from ..models.decoder import set_forward
+
+    set_forward(head, _fused_head_forward)
+    head.__dict__[_FUSED] = True
+    return True
+
+
+def is_fused_head(head: nn.Module) -> bool:
+    return bool(head.__dict__.get(_FUSED, False))
+
+
+# ------------------------------------------------------------------------------------- checkpointed path
 
 
 def _chunk_loss_sum(h: torch.Tensor, labels: torch.Tensor, head, softcap: Optional[float], ignore_index: int):
@@ -41,7 +188,8 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: 
                            ignore_index: int = -100, chunk_rows: int = DEFAULT_CHUNK_ROWS,
                            softcap: Optional[float] = None) -> torch.Tensor:
     """The causal-LM loss of `head(hidden)` against `labels` (shifted by one, as transformers does) or
-    `shift_labels` (already shifted), computed `chunk_rows` rows at a time."""
+    `shift_labels` (already shifted), `chunk_rows` rows at a time: fused if `head` was made ready by
+    `fuse_head`, else checkpointed (module docstring)."""
     check_int(chunk_rows, "chunk_rows", lo=1)
     if shift_labels is None:
         if labels is None:
@@ -51,6 +199,16 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: 
     target = shift_labels.reshape(-1).to(h2.device)
     if target.numel() != h2.shape[0]:
         raise ValueError(f"labels have {target.numel()} positions but hidden states have {h2.shape[0]} rows")
+    if h2.shape[0] == 0:  # no rows: what cross_entropy's mean of nothing gives
+        return h2.new_full((), float("nan"), dtype=torch.float32)
+    if num_items_in_batch is None:
+        denom = (target != ignore_index).sum()
+    else:
+        denom = num_items_in_batch.to(h2.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+    if is_fused_head(head) and torch.is_grad_enabled():
+        scale = 1.0 / denom if torch.is_tensor(denom) else 1.0 / float(denom) if denom else float("nan")
+        return head(h2, fewbit_loss_target=target, scale=scale, ignore_index=ignore_index, chunk_rows=chunk_rows,
+                    softcap=softcap)
     total = None
     for r0 in range(0, h2.shape[0], chunk_rows):
         h, t = h2[r0:r0 + chunk_rows], target[r0:r0 + chunk_rows]
@@ -59,10 +217,4 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: 
         else:
             part = _chunk_loss_sum(h, t, head, softcap, ignore_index)
         total = part if total is None else total + part
-    if total is None:  # no rows: what cross_entropy's mean of nothing gives
-        return h2.new_full((), float("nan"), dtype=torch.float32)
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(total.device)
-        return total / num_items_in_batch
-    return total / (target != ignore_index).sum()
+    return total / denom

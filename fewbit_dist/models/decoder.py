@@ -19,7 +19,7 @@ from typing import Optional
 from torch import nn
 
 from ..functional.gated import gated_product
-from ..functional.loss import chunked_causal_lm_loss
+from ..functional.loss import chunked_causal_lm_loss, fuse_head
 from ..functional.norm import rms_norm
 
 __all__ = ["rms_norm_style", "is_gated_mlp", "is_causal_lm", "convert_rms_norm", "convert_gated_mlp",
@@ -169,4 +169,5 @@ def convert_causal_lm(module: nn.Module, chunk_rows: int) -> bool:
         return False
     module.__dict__["_fewbit_loss"] = dict(chunk_rows=chunk_rows)
     set_forward(module, _causal_lm_forward_for(type(module)))
+    fuse_head(module.lm_head)  # a plain linear head: the fused linear cross-entropy (else checkpointed chunks)
     return True
