@@ -34,12 +34,16 @@ def expected_x_hat(x2, bits, group_size, rounding, seed):
     return ((x2.float() - lo) / scale + 0.5).floor().clamp(0, 2**bits - 1) * scale + lo
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "row-chunks"])
 @pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
 @pytest.mark.parametrize("shape", [(37, 24), (3, 11, 24), (2, 3, 5, 24)], ids=["2d", "3d", "4d"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64", "bf16", "fp16"])
-def test_exact_parts_are_exact(rounding, shape, dtype):
+def test_exact_parts_are_exact(rounding, shape, dtype, chunked, monkeypatch):
     """grad x and grad b are nn.Linear's (same dtype, tolerance table); grad W is g^T x_hat, with x_hat the
-    input quantized as documented (from the layer's seed)."""
+    input quantized as documented (from the layer's seed), also when backward rebuilds x_hat in row chunks
+    (8-32 rows here, the last one partial)."""
+    if chunked:
+        monkeypatch.setattr(fewbit_dist.functional.linear, "RESTORE_CHUNK_BYTES", 8 * 24 * 8)
     lin, ref = pair(24, 10, dtype, bits=3, group_size=7, rounding=rounding)
     x = torch.randn(shape, dtype=dtype)
     a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
@@ -271,11 +275,11 @@ def test_bad_arguments(kwargs, exc, msg):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64", "bf16", "fp16"])
-@pytest.mark.parametrize("bits", [2, 3, 5, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
 def test_native_equals_reference(dtype, bits):
     mod = require_native("cpu")
     torch.manual_seed(bits)
-    for rows, cols, gs in [(37, 100, 32), (5, 3, 128), (64, 131, 7), (1, 1, 1), (0, 5, 2)]:
+    for rows, cols, gs in [(37, 100, 32), (5, 3, 128), (64, 131, 7), (1, 1, 1), (0, 5, 2), (300, 257, 64)]:
         x = (torch.randn(rows, cols, dtype=torch.float64) * 3).to(dtype)
         if x.numel():
             x.view(-1)[0] = float("nan")

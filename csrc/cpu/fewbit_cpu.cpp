@@ -194,6 +194,34 @@ torch::Tensor quantize_pack(const torch::Tensor& input, const torch::Tensor& lo,
   return out;
 }
 
+// unpack_dequantize by blocks of eight rows (their codes start on a byte boundary), the inverse of
+// quantize_groups_rows: a block's codes are unpacked eight at a time with a compile-time bit-width, then each
+// group's lo + code * scale is a plain loop that vectorizes. The same values as fewbit::dequantize_unit.
+template <int BITS, typename T>
+void dequantize_rows(const uint8_t* block, int64_t r0, int64_t r1, int64_t cols, int64_t group_size,
+                     int64_t groups, const float* lo, const float* scale, T* out, std::vector<uint8_t>& codes) {
+  const int64_t n = (r1 - r0) * cols;
+  codes.resize(static_cast<size_t>((n + 7) / 8 * 8));
+  uint8_t* c = codes.data();
+  constexpr uint64_t mask = (uint64_t{1} << BITS) - 1;
+  for (int64_t e = 0; e < n; e += 8) {
+    const uint8_t* in = block + (e / 8) * BITS;
+    const int32_t nbytes = e + 8 <= n ? BITS : static_cast<int32_t>(((n - e) * BITS + 7) / 8);
+    uint64_t word = 0;
+    for (int32_t k = 0; k < nbytes; ++k) word |= static_cast<uint64_t>(in[k]) << (8 * k);
+    for (int32_t j = 0; j < 8; ++j) c[e + j] = static_cast<uint8_t>((word >> (j * BITS)) & mask);
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* rc = c + (r - r0) * cols;
+    T* row = out + r * cols;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t c0 = g * group_size, c1 = std::min(cols, c0 + group_size);
+      const float l = lo[r * groups + g], st = scale[r * groups + g];
+      for (int64_t k = c0; k < c1; ++k) row[k] = static_cast<T>(fewbit::dequantize_affine(rc[k], l, st));
+    }
+  }
+}
+
 torch::Tensor unpack_dequantize(const torch::Tensor& packed, const torch::Tensor& lo, const torch::Tensor& scale,
                                 int64_t bits, int64_t cols, int64_t group_size, at::ScalarType dtype) {
   check_bits(bits);
@@ -210,14 +238,19 @@ torch::Tensor unpack_dequantize(const torch::Tensor& packed, const torch::Tensor
   const uint8_t* src = pc.data_ptr<uint8_t>();
   const float* plo = lc.data_ptr<float>();
   const float* psc = sc.data_ptr<float>();
-  const int32_t b = static_cast<int32_t>(bits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fewbit_unpack_dequantize", [&] {
     scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, (n + 7) / 8, kGrain, [&](int64_t g0, int64_t g1) {
-      for (int64_t g = g0; g < g1; ++g) {
-        fewbit::dequantize_unit(src, g * 8, static_cast<int32_t>(std::min<int64_t>(8, n - g * 8)), b, cols,
-                                group_size, groups, plo, psc, dst);
-      }
+    fewbit::dispatch_bits(bits, [&](auto B) {
+      constexpr int BITS = decltype(B)::value;
+      const int64_t blocks = (rows + 7) / 8;
+      const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (8 * cols));
+      at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+        std::vector<uint8_t> codes;
+        for (int64_t b = b0; b < b1; ++b) {  // 8 rows of cols codes fill cols * BITS bytes
+          dequantize_rows<BITS, scalar_t>(src + b * cols * BITS, b * 8, std::min(rows, b * 8 + 8), cols,
+                                          group_size, groups, plo, psc, dst, codes);
+        }
+      });
     });
   });
   return out;

@@ -35,7 +35,7 @@ from ..validation import check_int
 from .sketch import sketch_for
 
 __all__ = ["randomized_linear", "exact_linear", "projection_dim", "draw_seed", "apply_linear_function",
-           "exact_input_and_bias_grads", "linear_forward", "weight_grad", "cast_operands"]
+           "exact_input_and_bias_grads", "linear_forward", "weight_grad", "restored_weight_grad", "cast_operands"]
 
 _SEED_BITS = 62
 _GOLDEN = 0x9E3779B97F4A7C15  # odd constant of the golden ratio: spreads ranks over the seed space
@@ -118,6 +118,33 @@ def weight_grad(g2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> tor
     return (g2.t() @ x2.to(g2.dtype)).to(weight.dtype)
 
 
+RESTORE_CHUNK_BYTES = 4 << 20  # the largest piece of a lossy saved input rebuilt at once in backward
+
+
+def restored_weight_grad(g2: torch.Tensor, restore, tensors, weight: torch.Tensor) -> torch.Tensor:
+    """g^T x_hat with x_hat rebuilt by `restore` from the saved `tensors`. A restorer that can rebuild rows
+    (`restore.rows`, the quantized inputs') is called on row chunks of at most RESTORE_CHUNK_BYTES, summed
+    in float32 (float64 for float64): backward never holds the whole rebuilt input (a fresh input-sized buffer per layer, whose
+    page faults cost as much time as the dequantization on a CPU)."""
+    rows_of = getattr(restore, "rows", None)
+    n = g2.shape[0]
+    chunk = RESTORE_CHUNK_BYTES // max(1, g2.shape[1] * g2.element_size()) // 8 * 8
+    if rows_of is None or chunk < 8 or n <= chunk:
+        return weight_grad(g2, restore(tensors, g2.dtype), weight)
+    acc_dtype = torch.promote_types(g2.dtype, torch.float32)  # half types sum their chunks in float32
+    acc = None
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        part_x = rows_of(tensors, g2.dtype, r0, r1)
+        if acc is None:
+            acc = (g2[r0:r1].t() @ part_x).to(acc_dtype)
+        elif g2.dtype == acc_dtype:
+            acc.addmm_(g2[r0:r1].t(), part_x)
+        else:
+            acc += (g2[r0:r1].t() @ part_x).to(acc_dtype)
+    return acc.to(weight.dtype)
+
+
 def save_shared_input(ctx, weight: torch.Tensor, key, saved: shared_input.SavedInput) -> None:
     """Save the Parameter and the saved form of the input (shared with the input's other readers)."""
     ctx.share_key, ctx.restore = key, saved.restorer()
@@ -133,7 +160,7 @@ def shared_input_linear_backward(ctx, grad_out: torch.Tensor):
     grad_w = None
     if ctx.needs_input_grad[1]:
         shared_input.forget(ctx.share_key)
-        grad_w = weight_grad(g2, ctx.restore(rest, g2.dtype), weight)
+        grad_w = restored_weight_grad(g2, ctx.restore, rest, weight)
     return grad_x, grad_w, grad_b
 
 

@@ -30,7 +30,6 @@ non-finite group ranges and a meaningless grad_W, as they would for nn.Linear.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -94,12 +93,31 @@ class QuantizedInput(shared_input.SavedInput):
         return (self.packed, self.lo, self.scale)
 
     def restorer(self):
-        return functools.partial(_restore_quantized, self.bits, self.cols, self.group_size)
+        return QuantizedRestorer(self.bits, self.cols, self.group_size)
 
 
-def _restore_quantized(bits, cols, group_size, tensors, dtype):
-    packed, lo, scale = tensors
-    return unpack_dequantize(packed, lo, scale, bits, cols, group_size, dtype)
+class QuantizedRestorer:
+    """Rebuilds a QuantizedInput from its saved (packed, lo, scale): whole (`restorer(tensors, dtype)`) or rows
+    r0:r1 only (`restorer.rows(tensors, dtype, r0, r1)`, r0 a multiple of 8: the packed stream's rows start on
+    a byte boundary every eight rows). Holds no tensor."""
+
+    __slots__ = ("bits", "cols", "group_size")
+
+    def __init__(self, bits: int, cols: int, group_size: int):
+        self.bits, self.cols, self.group_size = bits, cols, group_size
+
+    def __call__(self, tensors, dtype):
+        packed, lo, scale = tensors
+        return unpack_dequantize(packed, lo, scale, self.bits, self.cols, self.group_size, dtype)
+
+    def rows(self, tensors, dtype, r0: int, r1: int):
+        if r0 % 8:
+            raise ValueError(f"r0 must be a multiple of 8, got {r0}")
+        packed, lo, scale = tensors
+        b0 = r0 * self.cols * self.bits // 8
+        nbytes = -(-(r1 - r0) * self.cols * self.bits // 8)
+        return unpack_dequantize(packed[b0:b0 + nbytes], lo[r0:r1], scale[r0:r1], self.bits, self.cols,
+                                 self.group_size, dtype)
 
 
 def quantize_input(x2: torch.Tensor, bits: int, group_size: int, rounding: str = "stochastic",
