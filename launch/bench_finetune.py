@@ -63,27 +63,44 @@ def load_rows(path: Path) -> list[dict]:
     return json.loads(path.read_text())["rows"] if path.is_file() else []
 
 
-def markdown(rows: list[dict]) -> str:
+def run_summaries(rows: list[dict]) -> list[tuple[dict, list[dict]]]:
+    """Per run (steps, seq_len, batch_size, lr), in that order: the run's settings and, for each preset of
+    PRESETS it measured (in PRESETS order), its seeds, final held-out losses, held-out loss at step 0 and the
+    per-seed differences to vanilla (final loss minus vanilla's on the same seed, for the seeds vanilla ran).
+    The one place the per-seed deltas are computed: results.md and BENCHMARKS.md (launch/docs_figures.py) both
+    render from it."""
     by_run: dict = {}
     for r in rows:
         run = r["run"]
         by_run.setdefault((run["steps"], run["seq_len"], run["batch_size"], run["lr"]), []).append(r)
+    out = []
+    for (steps, seq, batch, lr), group in sorted(by_run.items()):
+        vanilla = {r["seed"]: r["eval_loss"] for r in group if r["preset"] == "vanilla"}
+        presets = []
+        for preset in PRESETS:
+            rs = sorted((r for r in group if r["preset"] == preset), key=lambda r: r["seed"])
+            if rs:
+                presets.append({"preset": preset, "seeds": [r["seed"] for r in rs],
+                                "finals": [r["eval_loss"] for r in rs], "start": rs[0]["eval_curve"][0]["eval_loss"],
+                                "deltas": [r["eval_loss"] - vanilla[r["seed"]] for r in rs if r["seed"] in vanilla]})
+        out.append(({"steps": steps, "seq_len": seq, "batch_size": batch, "lr": lr}, presets))
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
     out = ["# Fine-tuning SmolLM2-135M on real text, per preset (launch/bench_finetune.py)", "",
            "Held-out loss (nats per token, the last 2% of the Shakespeare token stream) after the same steps from the "
            "same pretrained weights, one process, fp32; `delta` is the preset's final loss minus vanilla's on the "
            "same seed (mean and max over seeds).", ""]
-    for (steps, seq, batch, lr), group in sorted(by_run.items()):
-        out += [f"## {steps} steps of {batch} x {seq} tokens, lr {lr}", "",
+    for run, presets in run_summaries(rows):
+        out += [f"## {run['steps']} steps of {run['batch_size']} x {run['seq_len']} tokens, lr {run['lr']}", "",
                 "| preset | seeds | held-out loss at step 0 | final held-out loss (mean) | spread (max - min) | "
                 "delta vs vanilla (mean) | delta (max abs) |", "|---|---:|---:|---:|---:|---:|---:|"]
-        vanilla = {r["seed"]: r["eval_loss"] for r in group if r["preset"] == "vanilla"}
-        for preset in [p for p in PRESETS if any(r["preset"] == p for r in group)]:
-            rs = sorted((r for r in group if r["preset"] == preset), key=lambda r: r["seed"])
-            finals = [r["eval_loss"] for r in rs]
-            deltas = [r["eval_loss"] - vanilla[r["seed"]] for r in rs if r["seed"] in vanilla]
+        for p in presets:
+            finals, deltas = p["finals"], p["deltas"]
             d_mean = f"{statistics.mean(deltas):+.4f}" if deltas else "-"
             d_max = f"{max(abs(d) for d in deltas):.4f}" if deltas else "-"
-            out.append(f"| {preset} | {','.join(str(r['seed']) for r in rs)} | {rs[0]['eval_curve'][0]['eval_loss']:.4f} | "
+            out.append(f"| {p['preset']} | {','.join(map(str, p['seeds']))} | {p['start']:.4f} | "
                        f"{statistics.mean(finals):.4f} | {max(finals) - min(finals):.4f} | {d_mean} | {d_max} |")
         out.append("")
     return "\n".join(out)
