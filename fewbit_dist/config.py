@@ -8,12 +8,12 @@ import os
 import re
 import types
 from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 from .functional.lowbit import DEFAULT_GROUP_SIZE, check_lowbit_args
 from .functional.sketch import DEFAULT_SKETCH, SKETCHES
 from .nn.linear import check_projection_args
-from .validation import check_bool, check_choice, check_int, check_optional_bits
+from .validation import check_bool, check_choice, check_int, check_optional_bits, check_optional_int
 
 __all__ = ["FewBitConfig", "ConfigLike", "LAYER_FIELDS", "SECTIONS"]
 
@@ -90,7 +90,7 @@ class FewBitConfig:
         chunks of loss_chunk_rows rows and returns logits=None (without labels it is unchanged): a fused
         linear cross-entropy that forms the head's gradients in forward when the head is a plain linear
         layer, else chunks under checkpointing (fewbit_dist.functional.loss). Default False.
-    loss_chunk_rows: rows per chunk (default 1024).
+    loss_chunk_rows: rows per chunk; None (default): as many as keep a chunk's float32 logits within 32 MiB.
     checkpoint_boundary_bits: None (default) or 2..8: with activation checkpointing on (train.py,
         fewbit_dist.integrations.checkpointing.enable), keep each checkpointed block's input at that many bits
         (nearest rounding); the forward is unchanged, gradients become estimates. `convert` itself does not
@@ -129,7 +129,7 @@ class FewBitConfig:
     gated_mlp_mode: Union[str, None] = None
     gated_mlp_bits: int = 8
     chunked_loss: bool = False
-    loss_chunk_rows: int = 1024
+    loss_chunk_rows: Optional[int] = None
     checkpoint_boundary_bits: Union[int, None] = None
     require_matches: bool = True
     overrides: tuple = ()
@@ -159,7 +159,7 @@ class FewBitConfig:
         if self.checkpoint_boundary_bits is not None:
             check_lowbit_args(self.checkpoint_boundary_bits, self.linear_group_size, "nearest",
                               names=("checkpoint_boundary_bits", "linear_group_size", "rounding"))
-        check_int(self.loss_chunk_rows, "loss_chunk_rows", lo=1)
+        check_optional_int(self.loss_chunk_rows, "loss_chunk_rows", lo=1)
         object.__setattr__(self, "overrides", tuple(self._check_override(i, o) for i, o in enumerate(
             self._override_list(self.overrides))))
 

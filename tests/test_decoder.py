@@ -15,7 +15,7 @@ from torch import nn
 
 import fewbit_dist
 from fewbit_dist.functional.gated import gated_product
-from fewbit_dist.functional.loss import chunked_causal_lm_loss, fuse_head, is_fused_head
+from fewbit_dist.functional.loss import chunk_rows_for, chunked_causal_lm_loss, fuse_head, is_fused_head
 from fewbit_dist.functional.norm import rms_norm
 from fewbit_dist.memory import SavedTensorMeter
 
@@ -532,6 +532,16 @@ def test_fused_loss_frozen_head_and_one_backward():
     torch.testing.assert_close(h2.grad, h.grad, rtol=1e-5, atol=1e-7)
     with pytest.raises(RuntimeError, match="once"):
         loss.backward()
+
+
+def test_automatic_chunk_rows():
+    """By default a chunk's float32 logits stay within 32 MiB (a multiple of 16 rows, at least 16); the default
+    gives transformers' values on both paths."""
+    assert chunk_rows_for(49152) == 160 and chunk_rows_for(8192) == 1024 and chunk_rows_for(10**7) == 16
+    for fused in (False, True):
+        head, h0, labels = loss_case(fused=fused)
+        torch.testing.assert_close(chunked_causal_lm_loss(h0, head, labels), hf_loss(head, h0, labels),
+                                   rtol=1e-6, atol=1e-6)
 
 
 def test_fuse_head_only_plain_linear_heads():
