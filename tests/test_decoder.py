@@ -359,6 +359,22 @@ def test_gated_product_exact_equals_autograd(act_name, dtype):
     assert meter.nbytes == 2 * gate0.numel() * gate0.element_size()  # gate and up, nothing else
 
 
+@pytest.mark.parametrize("mode", ["exact", "compressed"])
+def test_gated_product_keeps_the_activation_hooks_out_of_backward(mode):
+    """A forward hook on the activation module fires once per forward (backward's recomputes are not module
+    calls), and a full backward hook on it does not break backward (it cannot run inside torch.func.vjp)."""
+    act = nn.SiLU()
+    fired = []
+    act.register_forward_hook(lambda *_: fired.append("fwd"))
+    act.register_full_backward_hook(lambda *_: fired.append("bwd"))
+    gate, up = torch.randn(6, 16, requires_grad=True), torch.randn(6, 16, requires_grad=True)
+    h = gated_product(gate, up, act, mode=mode)
+    down = nn.Linear(16, 4)
+    fewbit_dist.functional.linear.exact_linear(h, down.weight, down.bias).sum().backward()  # rebuilds h
+    assert fired == ["fwd"]
+    assert gate.grad is not None and up.grad is not None
+
+
 def test_gated_product_compressed_is_close_and_unbiased():
     """Stochastic rounding: one draw's error shrinks with the bits; the mean of 64 draws is ~8x closer than one
     draw (what independent zero-mean errors give; a bias would not average away). Saves two quantized copies."""

@@ -30,12 +30,19 @@ __all__ = ["gated_product", "GATED_MODES"]
 GATED_MODES = ("exact", "compressed")
 
 
+def _hookless(act):
+    """The activation's computation without its module hooks: backward's recomputes of act(gate) are not
+    calls of the module (a forward hook must not fire again in backward, and a full backward hook's
+    autograd.Function cannot run inside torch.func.vjp)."""
+    return act.forward if isinstance(act, torch.nn.Module) else act
+
+
 class _HRecipe:
     """Rebuilds h = act(gate) * up, as [rows, cols], from the saved parts: gate and up themselves, or their
     codes (`restores`: the quantized inputs' restorers, `dtypes`: gate's and up's dtypes). Holds no tensor."""
 
     def __init__(self, act, restores=None, dtypes=None):
-        self.act, self.restores, self.dtypes = act, restores, dtypes
+        self.act, self.restores, self.dtypes = _hookless(act), restores, dtypes
 
     def __call__(self, *tensors, dtype):
         if self.restores is None:
@@ -82,7 +89,7 @@ class _GatedFn(torch.autograd.Function):
             up = ctx.restores[1](t[3:], ctx.dtypes[1]).view(ctx.shape)
         # act's own backward through torch.func.vjp: autograd's derivative formulas, traceable by torch.compile
         # (torch.autograd.grad inside a backward is not)
-        a, act_vjp = torch.func.vjp(ctx.act, gate.detach())
+        a, act_vjp = torch.func.vjp(_hookless(ctx.act), gate.detach())
         # The product's backward as autograd computes it: each factor's gradient is grad_h times the other.
         grad_up = grad_h * a if ctx.needs_input_grad[1] else None
         grad_gate = act_vjp(grad_h * up)[0] if ctx.needs_input_grad[0] else None
