@@ -4,6 +4,7 @@
     python launch/bench_peak.py --quick              # a fast check (2 layers, 128 tokens, fp32, 1 repeat)
     python launch/bench_peak.py --roberta            # the RoBERTa-base shape (sequence classification, 4 x 128)
     python launch/bench_peak.py --optimizer --trace  # include the AdamW step; locate each peak
+    python launch/bench_peak.py --strategies zero3,fsdp2 --world-size 2   # per rank, 2 ranks over gloo
 
 Model: a SmolLM2-shaped LlamaForCausalLM (8 layers, hidden 576, FFN 1536, 9 heads, 3 KV heads, vocab 8192,
 random init), batch 4 x 512 tokens, labels = input_ids; or with --roberta RobertaForSequenceClassification
@@ -23,11 +24,32 @@ Then, outside the measured region, it counts the saved-activation bytes of one m
 (fewbit_dist.memory.SavedTensorMeter). The table reports the median over repeats, the ratio to vanilla in the
 same checkpointing mode and dtype, and the saved bytes beside it.
 
+Strategies (--strategies, default single): `single` (one process, as above); `zero3` and `fsdp2`, each
+configuration run as --world-size fresh rank processes under torchrun (CPU, gloo, DS_ACCELERATOR=cpu), each
+rank with torch threads = --threads // --world-size (at least 1) and its own batch of the shape above
+(SmolLM2: 4 x 512 tokens per rank), drawn with seed 1 + rank (rank 0's is the single process's batch). In
+every rank the model is built with the same seed, converted (and checkpointing enabled) BEFORE it is wrapped,
+the order launch/train.py uses:
+- zero3: DeepSpeed ZeRO-3 (configs/ds/zero3.json completed by launch/strategies.deepspeed_config); the model
+  is built under deepspeed.zero.Init through transformers' HfDeepSpeedConfig, as launch/train.py builds it,
+  then `deepspeed.initialize` with a torch AdamW; the step is `engine(**batch).loss`, `engine.backward(loss)`
+  (and `engine.step()` with --optimizer), as a user writes it.
+- fsdp2: `fully_shard` on every decoder block (the model's _no_split_modules) and then on the root, a torch
+  AdamW over the sharded parameters; the step is `model(**batch).loss.backward()` (and `optimizer.step()`).
+Each rank measures its own peak with PeakMemory and then its saved bytes with SavedTensorMeter around one more
+forward through the wrapper (null, with the reason, if that forward fails). The table reports the max over
+ranks (median over repeats) and the ratio to vanilla of the same strategy, checkpointing mode and dtype;
+results.json rows keep each rank's median (`peak_mib_ranks`, `saved_mib_ranks`) and the ratios
+(`peak_vs_vanilla`, `saved_vs_vanilla`). All checkpointing modes run under both wrappers. bf16 under
+zero3/fsdp2 is the same fp32 weights under torch.autocast (not DeepSpeed's bf16 section nor FSDP2's
+MixedPrecisionPolicy).
+
 --trace: each process also records VmRSS and VmHWM at every module's forward and backward boundary (module
 hooks), so the results say between which two events the step's peak occurred and how high the resident set
-stood before it.
+stood before it (rank 0's, under zero3/fsdp2).
 
-Writes --out/results.json (one row per configuration, every repeat's figures included) and results.md.
+Writes --out/results.json (one row per configuration, every repeat's figures included; rows carry `strategy`
+and `world_size`, a row without them is a single-process one) and results.md (one section per strategy).
 """
 
 from __future__ import annotations
@@ -35,10 +57,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,11 +84,18 @@ QUICK = {"num_hidden_layers": 2}
 QUICK_SEQ = 128
 CKPT_MODES = ("none", "hf", "boundary8")
 PRESETS = ("exact", "safe", "max-saving")
+STRATEGIES = ("single", "zero3", "fsdp2")
+STRATEGY_TITLES = {"single": "single process", "zero3": "DeepSpeed ZeRO-3", "fsdp2": "FSDP2"}
+DTYPES = ("fp32", "bf16")
+ZERO3_CONFIG = ROOT / "configs" / "ds" / "zero3.json"
 
 
 # -- one configuration, in this (fresh) process ------------------------------------------------------------
 
-def build(spec: dict):
+def build(spec: dict, rank: int = 0, from_config: bool = False):
+    """(model, batch): the seeded model and this rank's batch (seed 1 + rank). `from_config`: build through
+    `_from_config`, which transformers runs under deepspeed.zero.Init while an HfDeepSpeedConfig for ZeRO-3
+    is alive (as launch/train.py builds its models)."""
     import torch
     import transformers
 
@@ -71,11 +104,12 @@ def build(spec: dict):
     cfg = dict(shape["config"], **(QUICK if spec["quick"] else {}))
     torch.manual_seed(0)
     if shape["family"] == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+        cls, config = transformers.LlamaForCausalLM, transformers.LlamaConfig(**cfg)
     else:
-        model = transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**cfg))
+        cls, config = transformers.RobertaForSequenceClassification, transformers.RobertaConfig(**cfg)
+    model = cls._from_config(config) if from_config else cls(config)
     seq = QUICK_SEQ if spec["quick"] else shape["seq"]
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(1 + rank)
     ids = torch.randint(3, cfg["vocab_size"], (shape["batch"], seq), generator=g)
     labels = ids if shape["family"] == "llama" else torch.randint(0, 2, (shape["batch"],), generator=g)
     return model, {"input_ids": ids, "labels": labels}
@@ -95,7 +129,11 @@ def prepare(model, spec: dict):
 
 
 class Tracer:
-    """VmRSS / VmHWM at every module's forward and backward boundary (the peak's location)."""
+    """VmRSS / VmHWM at every module's forward and backward boundary (the peak's location).
+
+    Leaf modules without parameters (activations) get forward hooks only: the compressed gated MLP calls the
+    model's activation module inside its backward through torch.func.vjp, where a full backward hook's
+    autograd.Function cannot run ("must override the setup_context staticmethod")."""
 
     def __init__(self, model):
         from fewbit_dist import memory
@@ -106,6 +144,10 @@ class Tracer:
             self.handles += [
                 m.register_forward_pre_hook(lambda *_, n=name: self.mark(f"fwd> {n}")),
                 m.register_forward_hook(lambda *_, n=name: self.mark(f"fwd< {n}")),
+            ]
+            if next(m.children(), None) is None and next(m.parameters(), None) is None:
+                continue
+            self.handles += [
                 m.register_full_backward_pre_hook(lambda *_, n=name: self.mark(f"bwd> {n}")),
                 m.register_full_backward_hook(lambda *_, n=name: self.mark(f"bwd< {n}")),
             ]
@@ -166,11 +208,134 @@ def child(spec: dict) -> dict:
     return out
 
 
+def _fully_shard(model) -> None:
+    """FSDP2: every transformer block (the model's _no_split_modules), then the root (the order FSDP2 expects;
+    what fewbit_dist.integrations.fsdp.shard does after converting)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from fewbit_dist.integrations.fsdp import block_classes
+
+    classes = block_classes(model)
+    for block in [m for m in model.modules() if isinstance(m, classes) and m is not model]:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def dist_child(spec: dict) -> None:
+    """One rank of a zero3 / fsdp2 configuration (under torchrun). Writes RESULT_DIR/rank{R}.json: this rank's
+    figures, or {"error": ...} with the stage that failed (then exits non-zero, so torchrun stops the others)."""
+    import torch
+    import torch.distributed as dist
+
+    import fewbit_dist
+    from fewbit_dist.integrations.distributed import init_distributed
+    from fewbit_dist.memory import PeakMemory, SavedTensorMeter
+
+    torch.set_num_threads(spec["threads"])
+    info = init_distributed(device="cpu")
+    path = Path(spec["result_dir"]) / f"rank{info.rank}.json"
+
+    def finish(result: dict, code: int) -> None:
+        path.write_text(json.dumps(dict(result, rank=info.rank, world_size=info.world_size)))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if code == 0:
+            dist.barrier()
+            dist.destroy_process_group()
+        # Leave without the interpreter's teardown (gloo's worker threads can abort it; see launch/train.py).
+        os._exit(code)
+
+    fewbit_dist.ops.native.native_module("cpu")  # every variant loads the kernels: their RSS cancels out
+    stage = "setup"
+    try:
+        if spec["strategy"] == "zero3":
+            import deepspeed
+            from transformers.integrations import HfDeepSpeedConfig
+
+            from strategies import deepspeed_config
+
+            deepspeed.init_distributed(dist_backend=info.backend)  # adopt the gloo group made above
+            ds = deepspeed_config(json.loads(ZERO3_CONFIG.read_text()), SHAPES[spec["shape"]]["batch"],
+                                  info.world_size, "fp32", source=str(ZERO3_CONFIG.relative_to(ROOT)))
+            hf_ds = HfDeepSpeedConfig(ds)  # noqa: F841 - alive while the model is built: zero.Init
+            stage = "build"
+            model, batch = build(spec, rank=info.rank, from_config=True)
+            stage = "convert"
+            prepare(model, spec)
+            stage = "deepspeed.initialize"
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds,
+                                                   model_parameters=model.parameters())
+            net, module = engine, engine.module
+            backward, opt_step, zero_grad = engine.backward, engine.step, engine.zero_grad
+        elif spec["strategy"] == "fsdp2":
+            stage = "build"
+            model, batch = build(spec, rank=info.rank)
+            stage = "convert"
+            prepare(model, spec)
+            stage = "fully_shard"
+            _fully_shard(model)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            net = module = model
+            backward, opt_step = (lambda loss: loss.backward()), opt.step
+            zero_grad = lambda: opt.zero_grad(set_to_none=True)  # noqa: E731
+        else:
+            raise ValueError(f"strategy {spec['strategy']!r} does not run in ranks")
+        net.train()
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["dtype"] == "bf16")
+        tracer = Tracer(module) if spec["trace"] else None
+        stage = "training step"
+        dist.barrier()  # every rank starts its step together
+        t0 = time.perf_counter()
+        with PeakMemory("cpu") as pm:
+            with autocast:
+                loss = net(**batch).loss
+            backward(loss)
+            if spec["optimizer"]:
+                opt_step()
+        seconds = time.perf_counter() - t0
+    except Exception as exc:  # noqa: BLE001 - recorded as the row's error, verbatim
+        traceback.print_exc()
+        finish({"error": f"{stage}: {type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}, 1)
+    out = {"peak_bytes": pm.peak_bytes, "start_bytes": pm.start_bytes, "end_bytes": pm.end_bytes,
+           "loss": loss.item(), "step_s": round(seconds, 3), "threads": torch.get_num_threads()}
+    if tracer is not None:
+        out["peak_location"] = tracer.peak_location(pm.start_bytes)
+        tracer.close()
+    del loss
+    try:  # outside the measured region: one more forward through the wrapper, not backpropagated
+        zero_grad()
+        with autocast, SavedTensorMeter(module) as meter:
+            net(**batch)
+        out["saved_bytes"] = meter.nbytes
+    except Exception as exc:  # noqa: BLE001
+        out["saved_bytes"] = None
+        out["saved_error"] = f"{type(exc).__name__}: {exc}"
+    finish(out, 0)
+
+
 # -- the harness ---------------------------------------------------------------------------------------------
 
-def run_child(spec: dict, timeout: float, malloc_env: dict) -> dict:
+def relative_paths(text: str) -> str:
+    """Error text with this checkout's path and the Python installation's cut away (results files name no
+    machine's folders)."""
+    text = text.replace(str(ROOT) + os.sep, "")
+    text = re.sub(r'File "[^"]*/(site-packages|dist-packages)/', r'File "\1/', text)
+    return re.sub(r'File "[^"]*/(python3[^/"]*)/', r'File "\1/', text)
+
+
+def child_env(spec: dict, malloc_env: dict) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), PYTHONWARNINGS="ignore",
-               TRANSFORMERS_VERBOSITY="error", DS_ACCELERATOR="cpu", **malloc_env)
+               TRANSFORMERS_VERBOSITY="error", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", **malloc_env)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # torchrun sets its own
+        env.pop(key, None)
+    return env
+
+
+def run_child(spec: dict, timeout: float, malloc_env: dict) -> dict:
+    if spec.get("strategy", "single") != "single":
+        return run_ranks(spec, timeout, malloc_env)
+    env = child_env(spec, malloc_env)
     try:
         out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
                              timeout=timeout, env=env, cwd=ROOT)
@@ -179,134 +344,298 @@ def run_child(spec: dict, timeout: float, malloc_env: dict) -> dict:
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
         tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
-        return {"error": f"exit {out.returncode}: " + " | ".join(tail)}
+        return {"error": relative_paths(f"exit {out.returncode}: " + " | ".join(tail))}
     return json.loads(lines[-1])
 
 
+def run_ranks(spec: dict, timeout: float, malloc_env: dict) -> dict:
+    """One zero3/fsdp2 configuration: spec["world_size"] fresh rank processes under torchrun. {"ranks": [one
+    dict per rank]} or {"error": ...} (a rank's own error first, verbatim)."""
+    ws = spec["world_size"]
+    with tempfile.TemporaryDirectory(prefix="bench_peak_") as tmp:
+        spec = dict(spec, result_dir=tmp)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ws),
+               __file__, "--child", json.dumps(spec)]
+        # A session of its own: on a timeout the whole group (torchrun and its ranks) is killed.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=child_env(spec, malloc_env), cwd=ROOT, start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            return {"error": f"timed out after {timeout:.0f} s"}
+        files = [Path(tmp) / f"rank{r}.json" for r in range(ws)]
+        ranks = [json.loads(f.read_text()) if f.is_file() else None for f in files]
+    failed = [r for r in ranks if r is not None and "error" in r]
+    if failed:
+        return {"error": relative_paths(f"rank {failed[0]['rank']}: {failed[0]['error']}"),
+                "traceback": relative_paths(failed[0].get("traceback") or "")}
+    if proc.returncode != 0 or any(r is None for r in ranks):
+        missing = [i for i, r in enumerate(ranks) if r is None]
+        tail = [line for line in (stderr or stdout).strip().splitlines() if line.strip()][-3:]
+        return {"error": relative_paths(f"exit {proc.returncode}" + (f", no result from rank(s) {missing}" if missing
+                                                                     else "") + ": " + " | ".join(tail))}
+    return {"ranks": ranks}
+
+
+def _ranks(run: dict) -> list[dict]:
+    """A run's per-rank figures: a single-process run is its own one rank."""
+    return run["ranks"] if "ranks" in run else [run]
+
+
+def _median_max(per: list[list[dict]], key: str) -> float:
+    """Median over repeats of the max over ranks."""
+    return statistics.median(max(x[key] for x in ranks) for ranks in per)
+
+
 def summarize(spec: dict, runs: list[dict]) -> dict:
+    """One results row from a configuration's runs (each a single-process dict or {"ranks": [...]}): the max
+    over ranks, median over repeats; per-rank medians in *_ranks."""
     row = {k: spec[k] for k in ("shape", "dtype", "variant", "ckpt", "optimizer", "quick")}
+    row.update(strategy=spec.get("strategy", "single"), world_size=spec.get("world_size", 1))
+    if "threads" in spec:
+        row["threads"] = spec["threads"]
     errors = [r["error"] for r in runs if "error" in r]
     good = [r for r in runs if "error" not in r]
     if errors and not good:
         row["error"] = errors[0]
+        if runs[0].get("traceback"):
+            row["error_traceback"] = runs[0]["traceback"]
         return row
-    row.update(peak_mib=statistics.median(r["peak_bytes"] for r in good) / MIB,
-               peak_mib_runs=[round(r["peak_bytes"] / MIB, 1) for r in good],
-               saved_mib=statistics.median(r["saved_bytes"] for r in good) / MIB,
-               start_mib=statistics.median(r["start_bytes"] for r in good) / MIB,
-               loss=good[0]["loss"], step_s=statistics.median(r["step_s"] for r in good), repeats=len(good))
+    per = [_ranks(r) for r in good]  # per[repeat][rank]
+    n = min(len(ranks) for ranks in per)
+    peaks = [max(x["peak_bytes"] for x in ranks) for ranks in per]
+    row.update(peak_mib=statistics.median(peaks) / MIB, peak_mib_runs=[round(p / MIB, 1) for p in peaks],
+               peak_mib_ranks=[round(statistics.median(ranks[i]["peak_bytes"] for ranks in per) / MIB, 1)
+                               for i in range(n)])
+    if all(x.get("saved_bytes") is not None for ranks in per for x in ranks):
+        row.update(saved_mib=_median_max(per, "saved_bytes") / MIB,
+                   saved_mib_ranks=[round(statistics.median(ranks[i]["saved_bytes"] for ranks in per) / MIB, 2)
+                                    for i in range(n)])
+    else:
+        row["saved_mib"] = None
+        row["saved_error"] = next((x.get("saved_error") for ranks in per for x in ranks if x.get("saved_error")),
+                                  "no saved bytes recorded")
+    row.update(start_mib=_median_max(per, "start_bytes") / MIB, loss=per[0][0]["loss"],
+               step_s=_median_max(per, "step_s"), repeats=len(good))
+    if n > 1:
+        row["loss_ranks"] = [x["loss"] for x in per[0]]
     if errors:
         row["errors"] = errors
-    if "peak_location" in good[0]:
-        row["peak_location"] = good[0]["peak_location"]
+    if "peak_location" in per[0][0]:
+        row["peak_location"] = per[0][0]["peak_location"]
     return row
 
 
+def _strategy(r: dict) -> str:
+    return r.get("strategy", "single")  # rows written before strategies existed are single-process ones
+
+
+def _world(r: dict) -> int:
+    return r.get("world_size", 1)
+
+
+def _group_key(r: dict) -> tuple:
+    return r["shape"], _strategy(r), _world(r), r["dtype"], r["ckpt"], r.get("optimizer", False)
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Set each measured row's `peak_vs_vanilla` and `saved_vs_vanilla`: its figure over vanilla's in the same
+    shape, strategy, world size, dtype and checkpointing mode (None where that vanilla failed or saved bytes
+    are missing). In place; returns `rows`."""
+    bases = {_group_key(r): r for r in rows if r["variant"] == "vanilla" and "error" not in r}
+    for r in rows:
+        if "error" in r:
+            continue
+        b = bases.get(_group_key(r))
+        r["peak_vs_vanilla"] = r["peak_mib"] / b["peak_mib"] if b and b["peak_mib"] else None
+        r["saved_vs_vanilla"] = (r["saved_mib"] / b["saved_mib"]
+                                 if b and r.get("saved_mib") is not None and b.get("saved_mib") else None)
+    return rows
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
+    rows = add_ratios([dict(r) for r in rows])
     lines = [f"# Real peak memory of one training step ({meta['title']})", "",
              meta["method"], "", meta["machine_line"], "", f"Command: `{meta['command']}`", ""]
     if meta.get("malloc_env"):
         lines += [f"glibc malloc settings of the runs: {meta['malloc_env']}.", ""]
     for shape in dict.fromkeys(r["shape"] for r in rows):
-        for dtype in dict.fromkeys(r["dtype"] for r in rows if r["shape"] == shape):
-            lines += [f"## {shape}, {'fp32' if dtype == 'fp32' else 'fp32 weights, bf16 autocast'}", "",
-                      "| checkpointing | variant | peak MiB (median) | x vanilla | saved MiB | x vanilla | runs |",
-                      "|---|---|---:|---:|---:|---:|---|"]
-            for ckpt in CKPT_MODES:
-                sel = [r for r in rows if r["shape"] == shape and r["dtype"] == dtype and r["ckpt"] == ckpt]
-                base = next((r for r in sel if r["variant"] == "vanilla" and "error" not in r), None)
-                for r in sel:
-                    if "error" in r:
-                        lines.append(f"| {ckpt} | {r['variant']} | error: {r['error'][:120]} | | | | |")
-                        continue
-                    ratio = f"{r['peak_mib'] / base['peak_mib']:.2f}" if base else ""
-                    sratio = f"{r['saved_mib'] / base['saved_mib']:.2f}" if base else ""
-                    lines.append(f"| {ckpt} | {r['variant']} | {r['peak_mib']:.0f} | {ratio} | {r['saved_mib']:.1f} | "
-                                 f"{sratio} | {', '.join(f'{x:.0f}' for x in r['peak_mib_runs'])} |")
-            lines.append("")
+        for strategy, ws in dict.fromkeys((_strategy(r), _world(r)) for r in rows if r["shape"] == shape):
+            group = [r for r in rows if r["shape"] == shape and _strategy(r) == strategy and _world(r) == ws]
+            multi = strategy != "single"
+            for dtype in dict.fromkeys(r["dtype"] for r in group):
+                head = f"## {shape}, {'fp32' if dtype == 'fp32' else 'fp32 weights, bf16 autocast'}"
+                if multi:
+                    head += f", {STRATEGY_TITLES.get(strategy, strategy)}, {ws} rank{'s' if ws != 1 else ''}"
+                lines += [head, ""]
+                if multi:
+                    lines += ["Per rank: peak MiB is the largest over the ranks (median over repeats); `per rank` "
+                              "lists each rank's median.", "",
+                              "| checkpointing | variant | peak MiB (median) | x vanilla | saved MiB | x vanilla | "
+                              "per rank | runs |", "|---|---|---:|---:|---:|---:|---|---|"]
+                else:
+                    lines += ["| checkpointing | variant | peak MiB (median) | x vanilla | saved MiB | x vanilla | "
+                              "runs |",
+                              "|---|---|---:|---:|---:|---:|---|"]
+                notes = []
+                for ckpt in dict.fromkeys([*CKPT_MODES, *(r["ckpt"] for r in group)]):
+                    for r in [r for r in group if r["dtype"] == dtype and r["ckpt"] == ckpt]:
+                        if "error" in r:
+                            lines.append(f"| {ckpt} | {r['variant']} | error: {r['error'][:160]} | | | |"
+                                         + (" |" if multi else "") + " |")
+                            continue
+                        ratio = "" if r["peak_vs_vanilla"] is None else f"{r['peak_vs_vanilla']:.2f}"
+                        sratio = "" if r["saved_vs_vanilla"] is None else f"{r['saved_vs_vanilla']:.2f}"
+                        if r.get("saved_mib") is None:
+                            saved = "n/a"
+                            notes.append(f"{ckpt} / {r['variant']}: saved bytes not measured: {r.get('saved_error')}")
+                        else:
+                            saved = f"{r['saved_mib']:.1f}"
+                        runs = ", ".join(f"{x:.0f}" for x in r["peak_mib_runs"])
+                        ranks = " / ".join(f"{x:.0f}" for x in r.get("peak_mib_ranks", []))
+                        lines.append(f"| {ckpt} | {r['variant']} | {r['peak_mib']:.0f} | {ratio} | {saved} | "
+                                     f"{sratio} | " + (f"{ranks} | " if multi else "") + f"{runs} |")
+                lines.append("")
+                if notes:
+                    lines += [f"- {n}" for n in notes] + [""]
     located = [r for r in rows if r.get("peak_location")]
     if located:
-        lines += ["## Where the peak occurs (first repeat)", "",
-                  "| shape | dtype | checkpointing | variant | peak reached between | RSS before, MiB above start |",
-                  "|---|---|---|---|---|---:|"]
+        lines += ["## Where the peak occurs (first repeat, rank 0)", "",
+                  "| shape | strategy | dtype | checkpointing | variant | peak reached between | "
+                  "RSS before, MiB above start |",
+                  "|---|---|---|---|---|---|---:|"]
         for r in located:
             loc = r["peak_location"]
-            lines.append(f"| {r['shape']} | {r['dtype']} | {r['ckpt']} | {r['variant']} | "
+            lines.append(f"| {r['shape']} | {_strategy(r)} | {r['dtype']} | {r['ckpt']} | {r['variant']} | "
                          f"`{loc['between'][0]}` .. `{loc['between'][1]}` | {loc['rss_before_mib']} |")
         lines.append("")
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def csv_list(text: str, name: str, allowed=None) -> list[str]:
+    """A comma list from --NAME; every item one of `allowed` (else SystemExit naming the argument)."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise SystemExit(f"--{name}: give at least one value")
+    bad = [t for t in items if allowed is not None and t not in allowed]
+    if bad:
+        raise SystemExit(f"--{name}: unknown {', '.join(map(repr, bad))}; allowed: {', '.join(allowed)}")
+    return list(dict.fromkeys(items))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true", help="2 layers, 128 tokens, fp32 only, 1 repeat")
     p.add_argument("--roberta", action="store_true", help="the RoBERTa-base shape instead of SmolLM2's")
+    p.add_argument("--strategies", default="single", help=f"comma list of {', '.join(STRATEGIES)} (default single)")
+    p.add_argument("--world-size", type=int, default=2, help="ranks of the zero3 and fsdp2 runs (single: 1)")
     p.add_argument("--dtypes", default=None, help="comma list of fp32, bf16 (default: both; --quick: fp32)")
     p.add_argument("--presets", default=",".join(PRESETS), help="comma list of preset names besides vanilla")
-    p.add_argument("--ckpt", default=",".join(CKPT_MODES), help=f"comma list of {CKPT_MODES}")
+    p.add_argument("--ckpt", default=",".join(CKPT_MODES), help=f"comma list of {', '.join(CKPT_MODES)}")
     p.add_argument("--repeats", type=int, default=None, help="fresh processes per configuration (default 3)")
     p.add_argument("--optimizer", action="store_true", help="include an AdamW step in the measured region")
     p.add_argument("--trace", action="store_true", help="record where in the step each peak occurs")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads of a single process; each of N ranks gets threads // N (at least 1)")
     p.add_argument("--mmap-threshold", type=int, default=None,
                    help="glibc MALLOC_MMAP_THRESHOLD_ for the runs (bytes): allocations above it are mapped and "
                         "returned to the OS when freed, so heap fragmentation stops counting toward RSS")
-    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--timeout", type=float, default=900, help="seconds per run (one process, or all ranks)")
     p.add_argument("--out", default=str(ROOT / "results" / "peak"))
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(json.loads(args.child))), flush=True)
+        return args
+    args.strategies = csv_list(args.strategies, "strategies", STRATEGIES)
+    args.dtypes = csv_list(args.dtypes or ("fp32" if args.quick else "fp32,bf16"), "dtypes", DTYPES)
+    args.ckpt = csv_list(args.ckpt, "ckpt", CKPT_MODES)
+    args.presets = [v.strip() for v in args.presets.split(",") if v.strip() and v.strip() != "vanilla"]
+    for name in ("world_size", "threads", "repeats"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        spec = json.loads(args.child)
+        if spec.get("strategy", "single") == "single":
+            print(json.dumps(child(spec)), flush=True)
+        else:
+            dist_child(spec)
         return
 
     from benchlib import machine_info
 
     shape = "roberta-base" if args.roberta else "smollm2"
-    dtypes = (args.dtypes or ("fp32" if args.quick else "fp32,bf16")).split(",")
-    ckpts = args.ckpt.split(",")
-    for bad in [d for d in dtypes if d not in ("fp32", "bf16")] + [c for c in ckpts if c not in CKPT_MODES]:
-        raise SystemExit(f"unknown dtype or checkpointing mode {bad!r}: dtypes fp32, bf16; modes {CKPT_MODES}")
-    variants = ["vanilla"] + [v for v in args.presets.split(",") if v]
+    variants = ["vanilla"] + args.presets
     repeats = args.repeats or (1 if args.quick else 3)
     malloc_env = {} if args.mmap_threshold is None else {"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)}
     rows, t0 = [], time.perf_counter()
-    for dtype in dtypes:
-        for ckpt in ckpts:
-            for variant in variants:
-                spec = dict(shape=shape, dtype=dtype, variant=variant, ckpt=ckpt, optimizer=args.optimizer,
-                            quick=args.quick, trace=args.trace, threads=args.threads)
-                runs = []
-                for _ in range(repeats):
-                    runs.append(run_child(spec, args.timeout, malloc_env))
-                    if "error" in runs[-1] and "peak_bytes" not in runs[-1]:
-                        break  # a variant that cannot be built fails the same way every time
-                row = summarize(spec, runs)
-                rows.append(row)
-                what = row.get("error") or f"peak {row['peak_mib']:.0f} MiB, saved {row['saved_mib']:.1f} MiB"
-                print(f"[{time.perf_counter() - t0:5.0f} s] {shape} {dtype} {ckpt:9s} {variant:10s} {what}", flush=True)
+    for strategy in args.strategies:
+        ws = 1 if strategy == "single" else args.world_size
+        threads = args.threads if strategy == "single" else max(1, args.threads // ws)
+        for dtype in args.dtypes:
+            for ckpt in args.ckpt:
+                for variant in variants:
+                    spec = dict(shape=shape, dtype=dtype, variant=variant, ckpt=ckpt, optimizer=args.optimizer,
+                                quick=args.quick, trace=args.trace, threads=threads, strategy=strategy,
+                                world_size=ws)
+                    runs = []
+                    for _ in range(repeats):
+                        runs.append(run_child(spec, args.timeout, malloc_env))
+                        if "error" in runs[-1]:
+                            break  # a configuration that cannot run fails the same way every time
+                    row = summarize(spec, runs)
+                    rows.append(row)
+                    what = row.get("error") or (
+                        f"peak {row['peak_mib']:.0f} MiB (ranks {row['peak_mib_ranks']}), saved "
+                        + ("n/a" if row["saved_mib"] is None else f"{row['saved_mib']:.1f} MiB"))
+                    print(f"[{time.perf_counter() - t0:5.0f} s] {shape} {strategy} x{ws} {dtype} {ckpt:9s} "
+                          f"{variant:10s} {what}", flush=True)
 
     info = machine_info("cpu")
     sizes = dict(SHAPES[shape]["config"], **(QUICK if args.quick else {}))
     seq = QUICK_SEQ if args.quick else SHAPES[shape]["seq"]
+    multi = [s for s in args.strategies if s != "single"]
     title = (f"{shape}: {sizes['num_hidden_layers']} layers x {sizes['hidden_size']}, batch "
-             f"{SHAPES[shape]['batch']} x {seq} tokens{', quick' if args.quick else ''}")
+             f"{SHAPES[shape]['batch']} x {seq} tokens{' per rank' if multi else ''}{', quick' if args.quick else ''}")
+    method = (f"Each row: the median over {repeats} fresh process(es) of the first training step's peak RSS above "
+              "the step's start (forward + backward" + (" + AdamW step" if args.optimizer else "") +
+              "; fewbit_dist.memory.PeakMemory, Linux high-water mark), parameters and data already resident. "
+              "x vanilla: against vanilla in the same strategy, checkpointing mode and dtype. Saved MiB: "
+              "saved-activation bytes of one forward (fewbit_dist.memory.SavedTensorMeter). Checkpointing: none; "
+              "hf = gradient_checkpointing_enable(use_reentrant=False); boundary8 = HF checkpointing with 8-bit "
+              "compressed block inputs (fewbit_dist.integrations.checkpointing).")
+    if multi:
+        per_rank = max(1, args.threads // args.world_size)
+        method += (f" Strategies with {args.world_size} ranks (torchrun, gloo, CPU, {per_rank} thread(s) per rank, "
+                   "each rank its own batch of the shape above): the model is converted and checkpointing enabled "
+                   "before wrapping; zero3 = built under deepspeed.zero.Init, "
+                   "deepspeed.initialize with configs/ds/zero3.json and torch AdamW, step engine(**batch), "
+                   "engine.backward(loss)" + (", engine.step()" if args.optimizer else "") + "; fsdp2 = "
+                   "fully_shard per decoder block and the root, step model(**batch).loss.backward()"
+                   + (", AdamW step" if args.optimizer else "") + ". Peak and saved MiB: the largest over the "
+                   "ranks.")
     meta = {
         "title": title,
         "command": "python launch/bench_peak.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "method": (f"Each row: the median over {repeats} fresh process(es) of the first training step's peak RSS above "
-                   "the step's start (forward + backward" + (" + AdamW step" if args.optimizer else "") +
-                   "; fewbit_dist.memory.PeakMemory, Linux high-water mark), parameters and data already resident. "
-                   "x vanilla: against vanilla in the same checkpointing mode and dtype. Saved MiB: saved-activation "
-                   "bytes of one forward (fewbit_dist.memory.SavedTensorMeter). Checkpointing: none; hf = "
-                   "gradient_checkpointing_enable(use_reentrant=False); boundary8 = HF checkpointing with 8-bit "
-                   "compressed block inputs (fewbit_dist.integrations.checkpointing)."),
+        "method": method,
+        "strategies": args.strategies,
+        "world_size": args.world_size if multi else 1,
         "malloc_env": malloc_env,
         "machine": info,
-        "machine_line": f"Machine: {info['cpu']}, {info['cpu_count']} CPUs ({args.threads} threads), torch "
-                        f"{info['torch']}, git {info.get('git')}, {info['date']}.",
+        "machine_line": f"Machine: {info['cpu']}, {info['cpu_count']} CPUs ({args.threads} threads"
+                        + (f"; {max(1, args.threads // args.world_size)} per rank with {args.world_size} ranks"
+                           if multi else "") + f"), torch {info['torch']}, git {info.get('git')}, {info['date']}.",
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    add_ratios(rows)
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out / "results.md").write_text(markdown(rows, meta))
     print(f"wrote {out}/results.json and results.md")
