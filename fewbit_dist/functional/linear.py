@@ -118,14 +118,16 @@ def weight_grad(g2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> tor
     return (g2.t() @ x2.to(g2.dtype)).to(weight.dtype)
 
 
-RESTORE_CHUNK_BYTES = 4 << 20  # the largest piece of a lossy saved input rebuilt at once in backward
+RESTORE_CHUNK_BYTES = 16 << 20  # the largest piece of a lossy saved input rebuilt at once in backward
 
 
 def restored_weight_grad(g2: torch.Tensor, restore, tensors, weight: torch.Tensor) -> torch.Tensor:
     """g^T x_hat with x_hat rebuilt by `restore` from the saved `tensors`. A restorer that can rebuild rows
     (`restore.rows`, the quantized inputs') is called on row chunks of at most RESTORE_CHUNK_BYTES, summed
-    in float32 (float64 for float64): backward never holds the whole rebuilt input (a fresh input-sized buffer per layer, whose
-    page faults cost as much time as the dequantization on a CPU)."""
+    in float32 (float64 for float64): backward never holds the whole rebuilt input, a fresh input-sized
+    buffer per layer whose page faults cost as much time as the dequantization on a CPU. Measured there
+    (LowBitLinear 4-bit, 8192 x 1024 -> 1024, fwd+bwd against nn.Linear, 11 interleaved rounds): whole
+    1.15x, 4 MiB chunks 1.18x (products over 1024 rows run slower), 8 MiB 1.08x, 16 MiB 1.06x."""
     rows_of = getattr(restore, "rows", None)
     n = g2.shape[0]
     chunk = RESTORE_CHUNK_BYTES // max(1, g2.shape[1] * g2.element_size()) // 8 * 8
