@@ -48,6 +48,21 @@ MixedPrecisionPolicy).
 hooks), so the results say between which two events the step's peak occurred and how high the resident set
 stood before it (rank 0's, under zero3/fsdp2).
 
+--search-batch --budget-mib B (per rank): instead of the rows, for each variant x checkpointing mode x dtype x
+strategy the largest per-rank batch (sequence length fixed: the shape's, or --quick's) whose measured peak stays
+within B MiB above the step's start. Each probe is one configuration measured as above (a fresh process, or
+fresh ranks; the max over ranks) with ONE repeat (no median). The batch doubles from --batch-start (default 1)
+until a probe is over the budget, fails (out of memory, a timeout, any error: counted as over) or reaches
+--batch-limit (default 256); then bisection between the last fit and the first miss. results.json keeps every
+probe (batch, peak per rank, fit or not, or the error), the answer and its ratio to vanilla's of the same
+strategy, checkpointing mode and dtype under the key "max_batch" (its "rows" stay empty); results.md has a table
+per strategy and dtype, and notes where the peaks are not monotone in the batch (on a CPU the allocator's noise
+can make them so).
+
+    python launch/bench_peak.py --search-batch --budget-mib 1650 --dtypes fp32 --presets max-saving --ckpt none,hf
+
+(SmolLM2's shape; give --timeout room: a probe at batch 32 can run longer than the default 900 s.)
+
 Writes --out/results.json (one row per configuration, every repeat's figures included; rows carry `strategy`
 and `world_size`, a row without them is a single-process one) and results.md (one section per strategy).
 """
@@ -110,8 +125,9 @@ def build(spec: dict, rank: int = 0, from_config: bool = False):
     model = cls._from_config(config) if from_config else cls(config)
     seq = QUICK_SEQ if spec["quick"] else shape["seq"]
     g = torch.Generator().manual_seed(1 + rank)
-    ids = torch.randint(3, cfg["vocab_size"], (shape["batch"], seq), generator=g)
-    labels = ids if shape["family"] == "llama" else torch.randint(0, 2, (shape["batch"],), generator=g)
+    batch = spec.get("batch") or shape["batch"]  # the batch search sets its own per-rank batch
+    ids = torch.randint(3, cfg["vocab_size"], (batch, seq), generator=g)
+    labels = ids if shape["family"] == "llama" else torch.randint(0, 2, (batch,), generator=g)
     return model, {"input_ids": ids, "labels": labels}
 
 
@@ -255,7 +271,8 @@ def dist_child(spec: dict) -> None:
             from strategies import deepspeed_config
 
             deepspeed.init_distributed(dist_backend=info.backend)  # adopt the gloo group made above
-            ds = deepspeed_config(json.loads(ZERO3_CONFIG.read_text()), SHAPES[spec["shape"]]["batch"],
+            micro = spec.get("batch") or SHAPES[spec["shape"]]["batch"]
+            ds = deepspeed_config(json.loads(ZERO3_CONFIG.read_text()), micro,
                                   info.world_size, "fp32", source=str(ZERO3_CONFIG.relative_to(ROOT)))
             hf_ds = HfDeepSpeedConfig(ds)  # noqa: F841 - alive while the model is built: zero.Init
             stage = "build"
@@ -455,7 +472,9 @@ def add_ratios(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
+def markdown(rows: list[dict], meta: dict, max_batch: list[dict] | None = None) -> str:
+    """The results page: the rows' tables (one section per shape, strategy and dtype), where the peaks occur
+    (--trace), and the batch search's tables (`max_batch`, results.json's key of that name)."""
     rows = add_ratios([dict(r) for r in rows])
     lines = [f"# Real peak memory of one training step ({meta['title']})", "",
              meta["method"], "", meta["machine_line"], "", f"Command: `{meta['command']}`", ""]
@@ -511,6 +530,144 @@ def markdown(rows: list[dict], meta: dict) -> str:
             lines.append(f"| {r['shape']} | {_strategy(r)} | {r['dtype']} | {r['ckpt']} | {r['variant']} | "
                          f"`{loc['between'][0]}` .. `{loc['between'][1]}` | {loc['rss_before_mib']} |")
         lines.append("")
+    if max_batch:
+        lines.append(search_markdown(max_batch))
+    return "\n".join(lines)
+
+
+# -- the largest batch within a budget: a search on real peaks ------------------------------------------------
+
+def search_max_batch(measure, budget_mib: float, start: int = 1, limit: int = 256, log=None) -> dict:
+    """The largest batch whose measured peak stays within `budget_mib`: double from `start` until a probe misses
+    (its peak exceeds the budget, or it fails: out of memory, a timeout, any error) or the batch reaches `limit`,
+    then bisect between the last fit and the first miss. `measure(batch)` runs one probe and returns a results
+    row ({"peak_mib", "peak_mib_ranks", ...} or {"error": ...}); `log(probe)` is called after each probe.
+
+    Returns {"max_batch" (0 when the first probe misses and so does every smaller one), "probes" (in probing
+    order: batch, fits, peak_mib and peak_mib_ranks or error), "first_miss" (the smallest missing batch, None
+    when the limit fitted), "limit_reached", "non_monotone", ...}: see `monotonicity`."""
+    if start < 1 or limit < start:
+        raise ValueError(f"need 1 <= start <= limit, got start={start}, limit={limit}")
+    probes = []
+
+    def fits(batch: int) -> bool:
+        row = measure(batch)
+        probe = {"batch": batch}
+        if "error" in row or row.get("peak_mib") is None:
+            probe.update(fits=False, error=row.get("error") or "no peak measured")
+        else:
+            probe.update(fits=row["peak_mib"] <= budget_mib, peak_mib=round(row["peak_mib"], 1))
+            for key in ("peak_mib_ranks", "saved_mib", "start_mib", "step_s", "peak_location"):
+                if row.get(key) is not None:
+                    probe[key] = round(row[key], 2) if isinstance(row[key], float) else row[key]
+        probes.append(probe)
+        if log is not None:
+            log(probe)
+        return probe["fits"]
+
+    lo, hi, batch = 0, None, start
+    while True:  # doubling: lo is the last fit, hi the first miss
+        if not fits(batch):
+            hi = batch
+            break
+        lo = batch
+        if batch >= limit:
+            break
+        batch = min(2 * batch, limit)
+    while hi is not None and hi - lo > 1:  # bisection inside (lo, hi)
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    out = {"max_batch": lo, "first_miss": hi, "limit_reached": hi is None, "probes": probes}
+    out.update(monotonicity(probes, lo))
+    return out
+
+
+def monotonicity(probes: list[dict], answer: int) -> dict:
+    """What the probes say against a peak that grows with the batch (on a CPU the allocator's noise can break
+    it): `fits_above` (probes above the answer that fitted), `misses_below` (probes at or below it that missed),
+    `peak_drops` ([smaller batch, larger batch] pairs, adjacent among the measured probes, whose peak fell as
+    the batch grew), and `non_monotone` (any of them). The search probes only inside (last fit, first miss), so
+    its own probes never contradict its answer by fit or miss; a falling peak is how noise shows up in them."""
+    fits_above = sorted(p["batch"] for p in probes if p["fits"] and p["batch"] > answer)
+    misses_below = sorted(p["batch"] for p in probes if not p["fits"] and p["batch"] <= answer)
+    measured = sorted((p["batch"], p["peak_mib"]) for p in probes if p.get("peak_mib") is not None)
+    drops = [[a, b] for (a, pa), (b, pb) in zip(measured, measured[1:]) if b > a and pb < pa]
+    return {"fits_above": fits_above, "misses_below": misses_below, "peak_drops": drops,
+            "non_monotone": bool(fits_above or misses_below or drops)}
+
+
+def _search_key(e: dict) -> tuple:
+    return (e["shape"], e["strategy"], e["world_size"], e["dtype"], e["ckpt"], e.get("optimizer", False),
+            e["budget_mib"])
+
+
+def add_search_ratios(entries: list[dict]) -> list[dict]:
+    """Set each search result's `vs_vanilla`: its largest batch over vanilla's of the same shape, strategy, world
+    size, dtype, checkpointing mode and budget (None where vanilla's is 0 or missing). In place."""
+    bases = {_search_key(e): e for e in entries if e["variant"] == "vanilla"}
+    for e in entries:
+        b = bases.get(_search_key(e))
+        e["vs_vanilla"] = e["max_batch"] / b["max_batch"] if b and b["max_batch"] else None
+    return entries
+
+
+def _probe_text(p: dict) -> str:
+    if "error" in p:
+        return f"{p['batch']}: error"
+    return f"{p['batch']}: {p['peak_mib']:.0f} {'fit' if p['fits'] else 'over'}"
+
+
+def search_markdown(entries: list[dict]) -> str:
+    """The search results: per shape, strategy and dtype a table of each variant's largest batch, its ratio to
+    vanilla's and every probe; notes name the limit reached, errors and non-monotone peaks."""
+    entries = add_search_ratios([dict(e) for e in entries])
+    lines = []
+    groups = dict.fromkeys((e["shape"], e["strategy"], e["world_size"], e["dtype"], e["budget_mib"]) for e in entries)
+    for shape, strategy, ws, dtype, budget in groups:
+        group = [e for e in entries if (e["shape"], e["strategy"], e["world_size"], e["dtype"], e["budget_mib"])
+                 == (shape, strategy, ws, dtype, budget)]
+        head = f"## {shape}, {'fp32' if dtype == 'fp32' else 'fp32 weights, bf16 autocast'}"
+        if strategy != "single":
+            head += f", {STRATEGY_TITLES.get(strategy, strategy)}, {ws} rank{'s' if ws != 1 else ''}"
+        seq = group[0].get("seq")
+        lines += [f"{head}: largest batch per rank within {budget:g} MiB (real peak, search)", "",
+                  f"Batch x {seq} tokens per rank. Each probe: one fresh "
+                  + ("process" if strategy == "single" else f"set of {ws} ranks")
+                  + ", one repeat (no median), its peak above the step's start"
+                  + (" (the largest rank)" if ws > 1 else "") + f" against {budget:g} MiB; "
+                  f"doubling from {group[0]['batch_start']} (at most {group[0]['batch_limit']}) until a probe is "
+                  "over the budget or fails, then bisection. Probes: batch: peak MiB, fit or over, in probing "
+                  "order.", "",
+                  "| variant | checkpointing | max batch | x vanilla | probes |", "|---|---|---:|---:|---|"]
+        notes = []
+        for e in sorted(group, key=lambda e: (list(CKPT_MODES).index(e["ckpt"]) if e["ckpt"] in CKPT_MODES
+                                              else len(CKPT_MODES), e["variant"] != "vanilla")):
+            ratio = "" if e["vs_vanilla"] is None else f"{e['vs_vanilla']:.2f}"
+            probes = ", ".join(_probe_text(p) for p in e["probes"])
+            answer = f"{e['max_batch']}" + (" (limit)" if e["limit_reached"] else "")
+            lines.append(f"| {e['variant']} | {e['ckpt']} | {answer} | {ratio} | {probes} |")
+            what = f"{e['variant']} / {e['ckpt']}"
+            if e["limit_reached"]:
+                notes.append(f"{what}: the limit {e['batch_limit']} fitted; the largest batch may be larger.")
+            for p in e["probes"]:
+                if "error" in p:
+                    notes.append(f"{what}: batch {p['batch']} failed (counted as over): {p['error'][:200]}")
+            if e["non_monotone"]:
+                parts = []
+                if e["fits_above"]:
+                    parts.append(f"batch {', '.join(map(str, e['fits_above']))} above the answer fitted")
+                if e["misses_below"]:
+                    parts.append(f"batch {', '.join(map(str, e['misses_below']))} at or below it was over")
+                if e["peak_drops"]:
+                    parts.append("the peak fell from batch " + ", ".join(f"{a} to {b}" for a, b in e["peak_drops"]))
+                notes.append(f"{what}: non-monotone peaks (allocator noise): {'; '.join(parts)}; the answer is "
+                             "what this search's probes gave, not a bound.")
+        lines.append("")
+        if notes:
+            lines += [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
 
 
@@ -543,6 +700,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mmap-threshold", type=int, default=None,
                    help="glibc MALLOC_MMAP_THRESHOLD_ for the runs (bytes): allocations above it are mapped and "
                         "returned to the OS when freed, so heap fragmentation stops counting toward RSS")
+    p.add_argument("--search-batch", action="store_true",
+                   help="instead of the rows: per configuration, the largest per-rank batch whose real peak stays "
+                        "within --budget-mib (doubling, then bisection; each probe one fresh run, one repeat)")
+    p.add_argument("--budget-mib", type=float, default=None,
+                   help="with --search-batch: the budget per rank, MiB of peak above the step's start")
+    p.add_argument("--batch-start", type=int, default=1, help="with --search-batch: the first batch probed")
+    p.add_argument("--batch-limit", type=int, default=256, help="with --search-batch: the largest batch probed")
     p.add_argument("--timeout", type=float, default=900, help="seconds per run (one process, or all ranks)")
     p.add_argument("--out", default=str(ROOT / "results" / "peak"))
     args = p.parse_args(argv)
@@ -552,11 +716,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.dtypes = csv_list(args.dtypes or ("fp32" if args.quick else "fp32,bf16"), "dtypes", DTYPES)
     args.ckpt = csv_list(args.ckpt, "ckpt", CKPT_MODES)
     args.presets = [v.strip() for v in args.presets.split(",") if v.strip() and v.strip() != "vanilla"]
-    for name in ("world_size", "threads", "repeats"):
+    for name in ("world_size", "threads", "repeats", "batch_start", "batch_limit"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.search_batch:
+        if args.budget_mib is None:
+            raise SystemExit("--search-batch needs --budget-mib (the per-rank budget, MiB of peak above the step's "
+                             "start)")
+        if not args.budget_mib > 0:
+            raise SystemExit(f"--budget-mib must be > 0, got {args.budget_mib}")
+        if args.batch_limit < args.batch_start:
+            raise SystemExit(f"--batch-limit ({args.batch_limit}) must be >= --batch-start ({args.batch_start})")
+        if args.repeats not in (None, 1):
+            raise SystemExit(f"--repeats: the search measures each probe once, got --repeats {args.repeats}")
+    elif args.budget_mib is not None:
+        raise SystemExit("--budget-mib applies only with --search-batch")
     return args
+
+
+def search_entry(spec: dict, args: argparse.Namespace, malloc_env: dict, seq: int, where: str, t0: float) -> dict:
+    """One configuration's batch search (--search-batch), each probe measured as a row is (run_child, summarize)
+    with one repeat: the results.json "max_batch" entry."""
+    def measure(batch: int) -> dict:
+        s = dict(spec, batch=batch)
+        return summarize(s, [run_child(s, args.timeout, malloc_env)])
+
+    def log(p: dict) -> None:
+        what = (f"error: {p['error'][:160]}" if "error" in p else
+                f"peak {p['peak_mib']:.0f} MiB {'fits' if p['fits'] else 'over'}")
+        print(f"[{time.perf_counter() - t0:5.0f} s] {where} batch {p['batch']} x {seq}: {what}", flush=True)
+
+    found = search_max_batch(measure, args.budget_mib, args.batch_start, args.batch_limit, log)
+    print(f"[{time.perf_counter() - t0:5.0f} s] {where} largest batch {found['max_batch']}"
+          + (" (the limit)" if found["limit_reached"] else "") + (" non-monotone" if found["non_monotone"] else ""),
+          flush=True)
+    entry = {k: spec[k] for k in ("shape", "dtype", "variant", "ckpt", "optimizer", "quick", "strategy",
+                                  "world_size", "threads")}
+    entry.update(seq=seq, budget_mib=args.budget_mib, batch_start=args.batch_start, batch_limit=args.batch_limit,
+                 repeats_per_probe=1, **found)
+    return entry
 
 
 def main(argv=None) -> None:
@@ -575,7 +774,8 @@ def main(argv=None) -> None:
     variants = ["vanilla"] + args.presets
     repeats = args.repeats or (1 if args.quick else 3)
     malloc_env = {} if args.mmap_threshold is None else {"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)}
-    rows, t0 = [], time.perf_counter()
+    rows, searches, t0 = [], [], time.perf_counter()
+    seq = QUICK_SEQ if args.quick else SHAPES[shape]["seq"]
     for strategy in args.strategies:
         ws = 1 if strategy == "single" else args.world_size
         threads = args.threads if strategy == "single" else max(1, args.threads // ws)
@@ -585,6 +785,10 @@ def main(argv=None) -> None:
                     spec = dict(shape=shape, dtype=dtype, variant=variant, ckpt=ckpt, optimizer=args.optimizer,
                                 quick=args.quick, trace=args.trace, threads=threads, strategy=strategy,
                                 world_size=ws)
+                    where = f"{shape} {strategy} x{ws} {dtype} {ckpt:9s} {variant:10s}"
+                    if args.search_batch:
+                        searches.append(search_entry(spec, args, malloc_env, seq, where, t0))
+                        continue
                     runs = []
                     for _ in range(repeats):
                         runs.append(run_child(spec, args.timeout, malloc_env))
@@ -595,26 +799,34 @@ def main(argv=None) -> None:
                     what = row.get("error") or (
                         f"peak {row['peak_mib']:.0f} MiB (ranks {row['peak_mib_ranks']}), saved "
                         + ("n/a" if row["saved_mib"] is None else f"{row['saved_mib']:.1f} MiB"))
-                    print(f"[{time.perf_counter() - t0:5.0f} s] {shape} {strategy} x{ws} {dtype} {ckpt:9s} "
-                          f"{variant:10s} {what}", flush=True)
+                    print(f"[{time.perf_counter() - t0:5.0f} s] {where} {what}", flush=True)
 
     info = machine_info("cpu")
     sizes = dict(SHAPES[shape]["config"], **(QUICK if args.quick else {}))
-    seq = QUICK_SEQ if args.quick else SHAPES[shape]["seq"]
     multi = [s for s in args.strategies if s != "single"]
-    title = (f"{shape}: {sizes['num_hidden_layers']} layers x {sizes['hidden_size']}, batch "
-             f"{SHAPES[shape]['batch']} x {seq} tokens{' per rank' if multi else ''}{', quick' if args.quick else ''}")
-    method = (f"Each row: the median over {repeats} fresh process(es) of the first training step's peak RSS above "
-              "the step's start (forward + backward" + (" + AdamW step" if args.optimizer else "") +
-              "; fewbit_dist.memory.PeakMemory, Linux high-water mark), parameters and data already resident. "
-              "x vanilla: against vanilla in the same strategy, checkpointing mode and dtype. Saved MiB: "
-              "saved-activation bytes of one forward (fewbit_dist.memory.SavedTensorMeter). Checkpointing: none; "
-              "hf = gradient_checkpointing_enable(use_reentrant=False); boundary8 = HF checkpointing with 8-bit "
-              "compressed block inputs (fewbit_dist.integrations.checkpointing).")
+    tokens = f"x {seq} tokens{' per rank' if multi else ''}"
+    batch_text = (f"the largest batch {tokens} within {args.budget_mib:g} MiB" if args.search_batch
+                  else f"batch {SHAPES[shape]['batch']} {tokens}")
+    title = (f"{shape}: {sizes['num_hidden_layers']} layers x {sizes['hidden_size']}, {batch_text}"
+             f"{', quick' if args.quick else ''}")
+    measured = ("the first training step's peak RSS above the step's start (forward + backward"
+                + (" + AdamW step" if args.optimizer else "") + "; fewbit_dist.memory.PeakMemory, Linux high-water "
+                "mark), parameters and data already resident.")
+    if args.search_batch:
+        method = ("Each probe of the search: one fresh process (or one set of fresh ranks), one repeat (no median), "
+                  + measured + " x vanilla: the variant's largest batch over vanilla's in the same strategy, "
+                  "checkpointing mode and dtype.")
+    else:
+        method = (f"Each row: the median over {repeats} fresh process(es) of " + measured + " x vanilla: against "
+                  "vanilla in the same strategy, checkpointing mode and dtype. Saved MiB: saved-activation bytes of "
+                  "one forward (fewbit_dist.memory.SavedTensorMeter).")
+    method += (" Checkpointing: none; hf = gradient_checkpointing_enable(use_reentrant=False); boundary8 = HF "
+               "checkpointing with 8-bit compressed block inputs (fewbit_dist.integrations.checkpointing).")
     if multi:
         per_rank = max(1, args.threads // args.world_size)
         method += (f" Strategies with {args.world_size} ranks (torchrun, gloo, CPU, {per_rank} thread(s) per rank, "
-                   "each rank its own batch of the shape above): the model is converted and checkpointing enabled "
+                   f"each rank its own batch{'' if args.search_batch else ' of the shape above'}): the model is "
+                   "converted and checkpointing enabled "
                    "before wrapping; zero3 = built under deepspeed.zero.Init, "
                    "deepspeed.initialize with configs/ds/zero3.json and torch AdamW, step engine(**batch), "
                    "engine.backward(loss)" + (", engine.step()" if args.optimizer else "") + "; fsdp2 = "
@@ -628,6 +840,8 @@ def main(argv=None) -> None:
         "strategies": args.strategies,
         "world_size": args.world_size if multi else 1,
         "malloc_env": malloc_env,
+        **({"search": {"budget_mib": args.budget_mib, "batch_start": args.batch_start, "batch_limit": args.batch_limit,
+                       "seq": seq, "repeats_per_probe": 1}} if args.search_batch else {}),
         "machine": info,
         "machine_line": f"Machine: {info['cpu']}, {info['cpu_count']} CPUs ({args.threads} threads"
                         + (f"; {max(1, args.threads // args.world_size)} per rank with {args.world_size} ranks"
@@ -636,8 +850,11 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     add_ratios(rows)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / "results.md").write_text(markdown(rows, meta))
+    data = {"meta": meta, "rows": rows}
+    if args.search_batch:  # the rows stay empty: docs_figures.peak_block reads only rows
+        data["max_batch"] = add_search_ratios(searches)
+    (out / "results.json").write_text(json.dumps(data, indent=1))
+    (out / "results.md").write_text(markdown(rows, meta, data.get("max_batch")))
     print(f"wrote {out}/results.json and results.md")
 
 

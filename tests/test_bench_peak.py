@@ -1,6 +1,6 @@
 """launch/bench_peak.py: its pure parts on synthetic rows (summaries, ratios, the markdown, argument checks,
-results files written before strategies existed), and (slow) a quick end-to-end run with 2 ranks under
-DeepSpeed ZeRO-3 and FSDP2."""
+results files written before strategies existed), the batch search on fake measurements, and (slow) quick
+end-to-end runs: 2 ranks under DeepSpeed ZeRO-3 and FSDP2, and a batch search within a small budget."""
 
 from __future__ import annotations
 
@@ -225,6 +225,216 @@ def test_bad_arguments_are_named(bp, argv, named):
     assert named in str(e.value.code)
 
 
+# -- the batch search on fake measurements -------------------------------------------------------------------
+
+class FakeMeasure:
+    """measure(batch) from a table: a peak in MiB, or an exception (an error row); calls are recorded."""
+
+    def __init__(self, peaks):
+        self.peaks, self.calls = peaks, []
+
+    def __call__(self, batch):
+        self.calls.append(batch)
+        peak = self.peaks(batch) if callable(self.peaks) else self.peaks[batch]
+        if isinstance(peak, Exception):
+            return {"error": f"exit -9: {peak}"}
+        return {"peak_mib": float(peak), "peak_mib_ranks": [float(peak)], "saved_mib": batch * 1.0}
+
+
+def test_search_monotone(bp):
+    fake = FakeMeasure(lambda b: 50 + 100 * b)
+    found = bp.search_max_batch(fake, 700)  # 6 fits (650), 7 is over (750)
+    assert found["max_batch"] == 6 and found["first_miss"] == 7 and not found["limit_reached"]
+    assert fake.calls == [1, 2, 4, 8, 6, 7]  # doubling to the first miss, then bisection between 4 and 8
+    assert [(p["batch"], p["fits"]) for p in found["probes"]] == [(1, True), (2, True), (4, True), (8, False),
+                                                                   (6, True), (7, False)]
+    assert found["probes"][3]["peak_mib"] == 850 and found["probes"][3]["peak_mib_ranks"] == [850]
+    assert not found["non_monotone"] and found["peak_drops"] == [] and found["fits_above"] == []
+
+
+def test_search_at_the_budget_fits(bp):
+    found = bp.search_max_batch(FakeMeasure(lambda b: 100 * b), 400)
+    assert found["max_batch"] == 4 and found["first_miss"] == 5
+
+
+def test_search_non_monotone_peaks_are_reported(bp):
+    # allocator noise: batch 6 peaks below batch 4, batch 5 above batch 6
+    fake = FakeMeasure({1: 100, 2: 200, 4: 400, 8: 800, 6: 380, 7: 690, 5: 520})
+    found = bp.search_max_batch(fake, 650)
+    assert fake.calls == [1, 2, 4, 8, 6, 7]
+    assert found["max_batch"] == 6 and found["first_miss"] == 7
+    assert found["non_monotone"] and found["peak_drops"] == [[4, 6]]
+    # a fitted probe above the answer (the search's own probes cannot show one; a merged list can)
+    probes = found["probes"] + [{"batch": 9, "fits": True, "peak_mib": 600.0}]
+    check = bp.monotonicity(probes, found["max_batch"])
+    assert check["fits_above"] == [9] and check["non_monotone"]
+    assert bp.monotonicity([{"batch": 2, "fits": False, "error": "boom"}, {"batch": 3, "fits": True,
+                                                                          "peak_mib": 5.0}], 3)["misses_below"] == [2]
+
+
+def test_search_first_probe_over_budget_is_zero(bp):
+    fake = FakeMeasure(lambda b: 1000 * b)
+    found = bp.search_max_batch(fake, 500)
+    assert found["max_batch"] == 0 and found["first_miss"] == 1 and fake.calls == [1]
+    assert not found["non_monotone"]
+
+
+def test_search_from_a_larger_start_bisects_below_it(bp):
+    fake = FakeMeasure(lambda b: 100 * b)
+    found = bp.search_max_batch(fake, 250, start=8)
+    assert found["max_batch"] == 2 and fake.calls == [8, 4, 2, 3]
+
+
+def test_search_limit_reached(bp):
+    fake = FakeMeasure(lambda b: b)
+    found = bp.search_max_batch(fake, 10**6, start=1, limit=20)
+    assert fake.calls == [1, 2, 4, 8, 16, 20]  # the last doubling is cut to the limit
+    assert found["max_batch"] == 20 and found["limit_reached"] and found["first_miss"] is None
+    found = bp.search_max_batch(FakeMeasure(lambda b: b), 10**6, start=3, limit=3)
+    assert found["max_batch"] == 3 and found["limit_reached"] and len(found["probes"]) == 1
+    with pytest.raises(ValueError):
+        bp.search_max_batch(fake, 100, start=8, limit=4)
+
+
+def test_search_errors_count_as_misses(bp):
+    oom = MemoryError("out of memory")
+    fake = FakeMeasure(lambda b: oom if b >= 6 else 100 * b)
+    logged = []
+    found = bp.search_max_batch(fake, 10**6, log=logged.append)
+    assert fake.calls == [1, 2, 4, 8, 6, 5] and found["max_batch"] == 5 and found["first_miss"] == 6
+    failed = [p for p in found["probes"] if "error" in p]
+    assert [p["batch"] for p in failed] == [8, 6] and all(not p["fits"] and "peak_mib" not in p for p in failed)
+    assert "out of memory" in failed[0]["error"]
+    assert logged == found["probes"] and not found["non_monotone"]
+    # a configuration that cannot run at all: 0, its error kept
+    found = bp.search_max_batch(FakeMeasure(lambda b: RuntimeError("convert: no preset")), 100)
+    assert found["max_batch"] == 0 and "no preset" in found["probes"][0]["error"]
+
+
+def test_search_measures_each_probe_once_as_a_row(bp, monkeypatch, tmp_path):
+    """main --search-batch: each probe one run_child at its batch (one repeat), summarized as a row; results.json
+    keeps the rows' key (empty) and the searches under "max_batch"; the ratio is to the same ckpt's vanilla."""
+    seen = []
+
+    def fake_run_child(spec, timeout, malloc_env):
+        seen.append((spec["variant"], spec["ckpt"], spec["batch"]))
+        per = {"vanilla": 100, "max-saving": 40}[spec["variant"]] * (0.5 if spec["ckpt"] == "hf" else 1)
+        return rank(20 + per * spec["batch"])
+
+    monkeypatch.setattr(bp, "run_child", fake_run_child)
+    import benchlib
+    monkeypatch.setattr(benchlib, "machine_info", lambda device: {"cpu": "cpu", "cpu_count": 2, "torch": "x",
+                                                                 "date": "today"})
+    bp.main(["--quick", "--search-batch", "--budget-mib", "420", "--presets", "max-saving", "--ckpt", "none,hf",
+             "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["rows"] == [] and data["meta"]["search"]["repeats_per_probe"] == 1
+    got = {(e["variant"], e["ckpt"]): e for e in data["max_batch"]}
+    assert {k: e["max_batch"] for k, e in got.items()} == {("vanilla", "none"): 4, ("max-saving", "none"): 10,
+                                                           ("vanilla", "hf"): 8, ("max-saving", "hf"): 20}
+    assert got[("max-saving", "none")]["vs_vanilla"] == pytest.approx(2.5)
+    assert got[("max-saving", "hf")]["vs_vanilla"] == pytest.approx(2.5)
+    for e in data["max_batch"]:
+        assert e["seq"] == 128 and e["budget_mib"] == 420 and e["strategy"] == "single"
+        probed = [p["batch"] for p in e["probes"]]
+        assert [b for v, c, b in seen if (v, c) == (e["variant"], e["ckpt"])] == probed  # one run per probe
+    md = (tmp_path / "results.md").read_text()
+    assert "## smollm2, fp32: largest batch per rank within 420 MiB (real peak, search)" in md
+    assert "| max-saving | none | 10 | 2.50 |" in md
+    # docs_figures renders only rows: a search-only results file adds nothing to its peak table
+    docs = load_launch_script("docs_figures")
+    (tmp_path / "peak" / "search").mkdir(parents=True)
+    (tmp_path / "results.json").rename(tmp_path / "peak" / "search" / "results.json")
+    assert "search" not in docs.peak_block(tmp_path).split("Runs (")[0]
+
+
+def synthetic_search():
+    def entry(variant, ckpt, answer, probes, **kw):
+        e = {"shape": "smollm2", "dtype": "fp32", "variant": variant, "ckpt": ckpt, "optimizer": False, "quick": True,
+             "strategy": "single", "world_size": 1, "threads": 2, "seq": 512, "budget_mib": 1500.0, "batch_start": 1,
+             "batch_limit": 64, "repeats_per_probe": 1, "max_batch": answer, "limit_reached": False,
+             "first_miss": answer + 1, "probes": probes}
+        e.update(kw)
+        e.update({k: v for k, v in (("fits_above", []), ("misses_below", []), ("peak_drops", []),
+                                    ("non_monotone", False)) if k not in e})
+        return e
+
+    def p(b, peak):
+        return {"batch": b, "peak_mib": float(peak), "fits": peak <= 1500}
+
+    return [
+        entry("vanilla", "none", 6, [p(1, 300), p(2, 500), p(4, 950), p(8, 1800), p(6, 1400), p(7, 1600)]),
+        entry("max-saving", "none", 12, [p(1, 200), p(2, 300), p(4, 500), p(8, 900), p(16, 1700), p(12, 1200),
+                                         p(14, 1550), p(13, 1520)]),
+        entry("vanilla", "hf", 64, [p(b, 10 * b) for b in (1, 2, 4, 8, 16, 32, 64)], limit_reached=True,
+              first_miss=None),
+        entry("max-saving", "hf", 5, [p(1, 300), p(2, 500), p(4, 900), p(8, 1400), p(6, 1200)] +
+              [{"batch": 7, "fits": False, "error": "exit -9: killed"}, p(5, 1100)],
+              peak_drops=[[4, 5]]),
+    ]
+
+
+def test_search_markdown(bp):
+    entries = synthetic_search()
+    entries[1].update(peak_drops=[[12, 13]], non_monotone=True)  # non-monotone: noted, not hidden
+    entries[3].update(fits_above=[8], non_monotone=True)
+    md = bp.markdown([], META, entries)
+    assert "## smollm2, fp32: largest batch per rank within 1500 MiB (real peak, search)" in md
+    assert "one repeat (no median)" in md
+    assert ("| vanilla | none | 6 | 1.00 | 1: 300 fit, 2: 500 fit, 4: 950 fit, 8: 1800 over, 6: 1400 fit, "
+            "7: 1600 over |") in md
+    assert "| max-saving | none | 12 | 2.00 |" in md
+    assert "| vanilla | hf | 64 (limit) | 1.00 |" in md
+    assert "| max-saving | hf | 5 | 0.08 |" in md and "7: error" in md
+    assert "vanilla / hf: the limit 64 fitted" in md
+    assert "max-saving / hf: batch 7 failed (counted as over): exit -9: killed" in md
+    assert "max-saving / none: non-monotone peaks (allocator noise): the peak fell from batch 12 to 13" in md
+    assert "max-saving / hf: non-monotone peaks (allocator noise): batch 8 above the answer fitted" in md
+    assert "vanilla / none: non-monotone" not in md
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 6 and len({line.count("|") for line in table}) == 1
+    # vanilla at 0: no ratio for the group
+    zero = synthetic_search()
+    zero[0].update(max_batch=0, probes=[{"batch": 1, "peak_mib": 1600.0, "fits": False}])
+    assert "| max-saving | none | 12 |  |" in bp.search_markdown(zero)
+
+
+def test_search_markdown_one_section_per_strategy(bp):
+    entries = synthetic_search()[:2]
+    entries += [dict(e, strategy="fsdp2", world_size=2) for e in entries]
+    heads = [line for line in bp.search_markdown(entries).splitlines() if line.startswith("## ")]
+    assert heads == ["## smollm2, fp32: largest batch per rank within 1500 MiB (real peak, search)",
+                     "## smollm2, fp32, FSDP2, 2 ranks: largest batch per rank within 1500 MiB (real peak, search)"]
+
+
+def test_probe_batch_is_the_models_batch(bp):
+    pytest.importorskip("transformers")
+    model, batch = bp.build(dict(spec(), batch=3))
+    assert tuple(batch["input_ids"].shape) == (3, bp.QUICK_SEQ)
+    _, batch = bp.build(spec())
+    assert batch["input_ids"].shape[0] == bp.SHAPES["smollm2"]["batch"]
+
+
+SEARCH_BAD = [(["--search-batch"], "--budget-mib"), (["--budget-mib", "100"], "--search-batch"),
+              (["--search-batch", "--budget-mib", "0"], "--budget-mib"),
+              (["--search-batch", "--budget-mib", "100", "--batch-start", "0"], "--batch-start"),
+              (["--search-batch", "--budget-mib", "100", "--batch-start", "8", "--batch-limit", "4"], "--batch-limit"),
+              (["--search-batch", "--budget-mib", "100", "--repeats", "3"], "--repeats")]
+
+
+@pytest.mark.parametrize("argv, named", SEARCH_BAD)
+def test_search_arguments(bp, argv, named):
+    with pytest.raises(SystemExit) as e:
+        bp.parse_args(argv)
+    assert named in str(e.value.code)
+
+
+def test_search_arguments_parsed(bp):
+    args = bp.parse_args(["--search-batch", "--budget-mib", "1536"])
+    assert args.search_batch and args.budget_mib == 1536 and args.batch_start == 1 and args.batch_limit == 256
+    assert not bp.parse_args([]).search_batch
+
+
 # -- end to end (slow) ---------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -261,3 +471,45 @@ def test_quick_zero3_and_fsdp2_two_ranks(bp, tmp_path):
         assert best["loss_ranks"] == pytest.approx(van["loss_ranks"], rel=1e-4)
     md = (tmp_path / "results.md").read_text()
     assert "## smollm2, fp32, DeepSpeed ZeRO-3, 2 ranks" in md and "## smollm2, fp32, FSDP2, 2 ranks" in md
+
+
+@pytest.mark.slow
+def test_quick_batch_search_within_a_small_budget(bp, tmp_path):
+    """--search-batch at --quick (2 layers, 128 tokens), single process, vanilla and max-saving, ckpt none: a
+    budget of 112 MiB (batch 1 peaks near 100 MiB on x86-64 Linux, batch 4 near 130-140) ends each search in 2-4
+    probes of about 13 s. The answer's probe fitted, the next batch up was probed and did not."""
+    pytest.importorskip("transformers")
+    from fewbit_dist.memory import PeakMemory, PeakMemoryUnavailable
+
+    try:
+        with PeakMemory("cpu"):
+            pass
+    except PeakMemoryUnavailable as exc:
+        pytest.skip(str(exc))
+    budget = 112
+    bp.main(["--quick", "--search-batch", "--budget-mib", str(budget), "--batch-limit", "8", "--presets",
+             "max-saving", "--ckpt", "none", "--timeout", "300", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["rows"] == []
+    entries = data["max_batch"]
+    assert [(e["variant"], e["ckpt"], e["strategy"]) for e in entries] == [("vanilla", "none", "single"),
+                                                                          ("max-saving", "none", "single")]
+    for e in entries:
+        probes = {p["batch"]: p for p in e["probes"]}
+        assert len(probes) == len(e["probes"]) <= 5  # no batch probed twice
+        for p in e["probes"]:
+            assert "error" not in p, p["error"]
+            assert math.isfinite(p["peak_mib"]) and p["peak_mib"] > 0
+            assert p["fits"] == (p["peak_mib"] <= budget)
+            assert p["peak_mib_ranks"] == [p["peak_mib"]]
+        answer = e["max_batch"]
+        assert 1 <= answer < 4, e["probes"]  # batch 1 well inside the budget, batch 4 well above it
+        assert probes[answer]["fits"] and not e["limit_reached"]
+        assert e["first_miss"] == answer + 1 and not probes[answer + 1]["fits"]
+        # the saved bytes grow with the batch: each probe ran its own batch
+        saved = [probes[b]["saved_mib"] for b in sorted(probes)]
+        assert saved == sorted(saved) and saved[0] < saved[-1]
+    van, best = entries
+    assert best["vs_vanilla"] == pytest.approx(best["max_batch"] / van["max_batch"])
+    md = (tmp_path / "results.md").read_text()
+    assert f"largest batch per rank within {budget} MiB (real peak, search)" in md
