@@ -74,6 +74,7 @@ import torch
 from torch import nn
 
 from ..functional.lowbit import DEFAULT_GROUP_SIZE, check_lowbit_args, dequantize_input, quantize_input
+from ..validation import check_callable, check_choice
 
 __all__ = ["enable", "METHODS", "CompressedCheckpoint", "checkpoint", "wrapper_fn", "boundary_nbytes",
            "DEFAULT_BOUNDARY_ROUNDING"]
@@ -213,8 +214,7 @@ class CompressedCheckpoint:
 
     def __call__(self, function, *args, use_reentrant: Optional[bool] = None, preserve_rng_state: bool = True,
                  **kwargs):
-        if not callable(function):
-            raise TypeError(f"function must be callable, got {type(function).__name__}")
+        check_callable(function, "function")
         if not torch.is_grad_enabled():  # nothing to backpropagate: run it as it is
             return function(*args, **kwargs)
         n, keys = len(args), tuple(kwargs)
@@ -248,8 +248,7 @@ def enable(model: nn.Module, method: str = "non_reentrant", boundary_bits: Optio
     boundaries `method` must be "non_reentrant" or "reentrant" (both name the same compressed function,
     whose backward is reentrant); DeepSpeed's checkpoint cannot compress, use ours under ZeRO instead.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_choice(method, "method", METHODS)
     if boundary_bits is not None:
         check_lowbit_args(boundary_bits, DEFAULT_GROUP_SIZE, boundary_rounding, names=_NAMES)
         if method == "deepspeed":

@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from .. import validation
 from ..quant.packing import check_bits, packed_nbytes
 from .loader import _states, native_available, native_module, native_state  # noqa: F401
 from .reference import (  # noqa: F401
@@ -135,10 +136,8 @@ def quantize_groups(x2: torch.Tensor, bits: int, group_size: int, seed: Optional
     if not isinstance(x2, torch.Tensor) or x2.dim() != 2 or not x2.dtype.is_floating_point:
         got = f"{x2.dtype} of shape {tuple(x2.shape)}" if isinstance(x2, torch.Tensor) else type(x2).__name__
         raise TypeError(f"x2 must be a 2-D floating-point tensor [rows, cols], got {got}")
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an int in 2..8, got {bits!r}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int (columns per group), got {group_size!r}")
+    validation.check_bits(bits, "bits", 2, 8)
+    validation.check_int(group_size, "group_size", lo=1)  # columns per group
     if seed is not None:
         if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
             raise TypeError(f"seed must be None (round to nearest) or a one-element int64 tensor, got "
