@@ -196,6 +196,17 @@ def finetune_block(results: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
+def finetune_cls_block(results: Path = RESULTS) -> str:
+    """all-MiniLM-L6-v2 on a real-text task (launch/bench_finetune_cls.py): its results.md tables, per task and run."""
+    from bench_finetune_cls import markdown
+
+    rows = _rows(results / "finetune-minilm" / "results.json")
+    if not rows:
+        return "(no runs recorded yet)"
+    text = markdown(rows)
+    return text[text.index("\n## ") + 1:].rstrip()
+
+
 # ---------------------------------------------------------------------------------- peak memory (bench_peak)
 
 def _peak(r: dict) -> float | None:
@@ -622,7 +633,8 @@ def demo_block(results: Path = RESULTS) -> str:
 # ----------------------------------------------------------------------------------------------- render
 
 BLOCKS = {
-    "decoder": decoder_block, "decoder_grid": decoder_grid_block, "finetune": finetune_block, "peak": peak_block,
+    "decoder": decoder_block, "decoder_grid": decoder_grid_block, "finetune": finetune_block,
+    "finetune_cls": finetune_cls_block, "peak": peak_block,
     "step": step_block, "quantize": quantize_block, "memory_headline": memory_headline_block,
     "memory": memory_block, "tradeoff": tradeoff_block, "tradeoff_figures": tradeoff_figures_block,
     "linear": linear_block, "linear_figures": linear_figures_block, "kernels": kernels_block,

@@ -222,6 +222,14 @@ def synthetic_results(root: Path) -> Path:
            for impl, ms, r in (("fused", 30.0, 0.1), ("fused_reference", 3600.0, 12.0))]
     _write(root / "results.jsonl", "".join(json.dumps(r) + "\n" for r in lin + ker + qua))
     # launch/demo.py, as --record-demo keeps it
+    # launch/bench_finetune_cls.py: one run, vanilla and max-saving, seed 0
+    cls_run = {"steps": 4, "eval_every": 2, "eval_examples": 8, "batch_size": 2, "seq_len": 16, "lr": 0.001,
+               "task": "verse-prose", "words": 9}
+    _write(root / "finetune-minilm" / "results.json", {"rows": [
+        {"preset": p, "seed": 0, "run": cls_run, "eval_loss": loss, "eval_acc": acc, "saved_bytes": saved,
+         "step_s": 1.0, "eval_curve": [{"step": 0, "eval_loss": 0.7, "eval_acc": 0.5},
+                                       {"step": 4, "eval_loss": loss, "eval_acc": acc}]}
+        for p, loss, acc, saved in (("vanilla", 0.5, 0.75, 4 << 20), ("max-saving", 0.55, 0.625, 1 << 20))]})
     _write(root / "demo" / "results.json", {"command": "python launch/demo.py", "machine": {"cpu": "c"},
                                             "stdout": "line one 49.13 MiB\n[2021-01-01 00:00:00,000] [WARNING] "
                                                       "[x.py:1:f] noise\nline two\n"})
@@ -235,6 +243,9 @@ EXPECTED = {
                       "M fp32: a6-l6-n6-g6 (0.200x, cosine 0.99500)"], ["| safe |"]),
     "presets": (["| safe | 0.250x | 0.99950 | M fp32 2x8 |", "| exact | - | - | not measured"], []),
     "finetune": (["| 3 steps x 2 x 8 tokens, lr 0.1 | max-saving | 0,1 | 4.1750 | +0.0750 / 0.1000 |"], []),
+    "finetune_cls": (["## verse-prose: 4 steps of 2 passages x 16 tokens, lr 0.001",
+                      "| max-saving | 0 | 0.7000 | 0.5500 | +0.0500 | 62.5% | -12.5 | 1.0 | 0.25x | 1.00 |"],
+                     ["# Fine-tuning"]),
     "peak": (["| old | smollm2 | fp32 | default | none | max-saving | 150 | 0.75 | 25.0 | 0.25 |",
               "**fsdp2, 2 ranks**",
               "| new | smollm2 | fp32 | MALLOC_MMAP_THRESHOLD_=65536 | hf | max-saving | 240 | 0.80 | 240 / 230 | - "
