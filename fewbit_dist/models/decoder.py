@@ -164,7 +164,7 @@ def _causal_lm_forward_for(cls):
     return forward
 
 
-def convert_causal_lm(module: nn.Module, chunk_rows: int) -> bool:
+def convert_causal_lm(module: nn.Module, chunk_rows: Optional[int]) -> bool:
     if not is_causal_lm(module):
         return False
     module.__dict__["_fewbit_loss"] = dict(chunk_rows=chunk_rows)
