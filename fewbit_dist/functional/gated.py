@@ -11,6 +11,10 @@ the product's), and the down projection keeps h as well: four tensors of the MLP
 - mode "compressed": saves gate and up quantized to `bits` per element (LowBitLinear's group quantizer,
   stochastic rounding by default) and computes the same backward from the dequantized copies; the down
   projection shares them (h ~ act(gate_hat) * up_hat).
+
+Hooks on the activation module: its forward hooks fire once per forward (the call in forward); backward's
+recomputes of act(gate) run its `forward` without hooks, and its backward hooks do not fire (the product is
+one autograd op, as any fused kernel would be).
 """
 
 from __future__ import annotations
