@@ -191,7 +191,6 @@ def child(spec: dict) -> dict:
     import torch
 
     import fewbit_dist
-    from fewbit_dist.memory import PeakMemory, SavedTensorMeter
 
     torch.set_num_threads(spec["threads"])
     fewbit_dist.ops.native.native_module("cpu")  # every variant loads the kernels: their RSS cancels out
@@ -201,27 +200,47 @@ def child(spec: dict) -> dict:
     except Exception as exc:  # noqa: BLE001 - a preset that does not resolve yet: record it
         return {"error": f"{type(exc).__name__}: {exc}"}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if spec["optimizer"] else None
+    out = measure_step(spec, model, model, batch, lambda loss: loss.backward(), opt and opt.step)
+    model.zero_grad(set_to_none=True)
+    return {**out, "saved_bytes": saved_bytes(spec, model, model, batch)}
+
+
+def measure_step(spec: dict, net, module, batch: dict, backward, opt_step=None) -> dict:
+    """The first training step through `net` (the model or its wrapper) under PeakMemory: forward (bf16
+    autocast for dtype bf16), `backward(loss)`, and `opt_step()` when given and --optimizer; with --trace,
+    where in `module` the peak occurred."""
+    import torch
+
+    from fewbit_dist.memory import PeakMemory
+
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["dtype"] == "bf16")
-    tracer = Tracer(model) if spec["trace"] else None
+    tracer = Tracer(module) if spec["trace"] else None
     t0 = time.perf_counter()
     with PeakMemory("cpu") as pm:
         with autocast:
-            loss = model(**batch).loss
-        loss.backward()
-        if opt is not None:
-            opt.step()
+            loss = net(**batch).loss
+        backward(loss)
+        if spec["optimizer"] and opt_step is not None:
+            opt_step()
     seconds = time.perf_counter() - t0
     out = {"peak_bytes": pm.peak_bytes, "start_bytes": pm.start_bytes, "end_bytes": pm.end_bytes,
            "loss": loss.item(), "step_s": round(seconds, 3)}
     if tracer is not None:
         out["peak_location"] = tracer.peak_location(pm.start_bytes)
         tracer.close()
-    del loss
-    model.zero_grad(set_to_none=True)
-    with autocast, SavedTensorMeter(model) as meter:
-        model(**batch)
-    out["saved_bytes"] = meter.nbytes
     return out
+
+
+def saved_bytes(spec: dict, net, module, batch: dict) -> int:
+    """Saved-activation bytes of one more forward through `net` (outside the measured region)."""
+    import torch
+
+    from fewbit_dist.memory import SavedTensorMeter
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["dtype"] == "bf16"), \
+            SavedTensorMeter(module) as meter:
+        net(**batch)
+    return meter.nbytes
 
 
 def _fully_shard(model) -> None:
@@ -245,7 +264,6 @@ def dist_child(spec: dict) -> None:
 
     import fewbit_dist
     from fewbit_dist.integrations.distributed import init_distributed
-    from fewbit_dist.memory import PeakMemory, SavedTensorMeter
 
     torch.set_num_threads(spec["threads"])
     info = init_distributed(device="cpu")
@@ -299,32 +317,16 @@ def dist_child(spec: dict) -> None:
         else:
             raise ValueError(f"strategy {spec['strategy']!r} does not run in ranks")
         net.train()
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["dtype"] == "bf16")
-        tracer = Tracer(module) if spec["trace"] else None
         stage = "training step"
         dist.barrier()  # every rank starts its step together
-        t0 = time.perf_counter()
-        with PeakMemory("cpu") as pm:
-            with autocast:
-                loss = net(**batch).loss
-            backward(loss)
-            if spec["optimizer"]:
-                opt_step()
-        seconds = time.perf_counter() - t0
+        out = measure_step(spec, net, module, batch, backward, opt_step)
     except Exception as exc:  # noqa: BLE001 - recorded as the row's error, verbatim
         traceback.print_exc()
         finish({"error": f"{stage}: {type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}, 1)
-    out = {"peak_bytes": pm.peak_bytes, "start_bytes": pm.start_bytes, "end_bytes": pm.end_bytes,
-           "loss": loss.item(), "step_s": round(seconds, 3), "threads": torch.get_num_threads()}
-    if tracer is not None:
-        out["peak_location"] = tracer.peak_location(pm.start_bytes)
-        tracer.close()
-    del loss
+    out["threads"] = torch.get_num_threads()
     try:  # outside the measured region: one more forward through the wrapper, not backpropagated
         zero_grad()
-        with autocast, SavedTensorMeter(module) as meter:
-            net(**batch)
-        out["saved_bytes"] = meter.nbytes
+        out["saved_bytes"] = saved_bytes(spec, net, module, batch)
     except Exception as exc:  # noqa: BLE001
         out["saved_bytes"] = None
         out["saved_error"] = f"{type(exc).__name__}: {exc}"
