@@ -123,14 +123,16 @@ RESTORE_CHUNK_BYTES = 16 << 20  # the largest piece of a lossy saved input rebui
 
 def restored_weight_grad(g2: torch.Tensor, restore, tensors, weight: torch.Tensor) -> torch.Tensor:
     """g^T x_hat with x_hat rebuilt by `restore` from the saved `tensors`. A restorer that can rebuild rows
-    (`restore.rows`, the quantized inputs') is called on row chunks of at most RESTORE_CHUNK_BYTES, summed
+    (`restore.rows`: quantized inputs, the compressed gated product's recipe) is called on row chunks of at
+    most RESTORE_CHUNK_BYTES (divided by the restorer's `row_cost`, its transients per row), summed
     in float32 (float64 for float64): backward never holds the whole rebuilt input, a fresh input-sized
     buffer per layer whose page faults cost as much time as the dequantization on a CPU. Measured there
     (LowBitLinear 4-bit, 8192 x 1024 -> 1024, fwd+bwd against nn.Linear, 11 interleaved rounds): whole
     1.15x, 4 MiB chunks 1.18x (products over 1024 rows run slower), 8 MiB 1.08x, 16 MiB 1.06x."""
     rows_of = getattr(restore, "rows", None)
     n = g2.shape[0]
-    chunk = RESTORE_CHUNK_BYTES // max(1, g2.shape[1] * g2.element_size()) // 8 * 8
+    cost = getattr(restore, "row_cost", 1)  # a recipe's transients per rebuilt row (the gated product's: 2)
+    chunk = RESTORE_CHUNK_BYTES // max(1, cost * g2.shape[1] * g2.element_size()) // 8 * 8
     if rows_of is None or chunk < 8 or n <= chunk:
         return weight_grad(g2, restore(tensors, g2.dtype), weight)
     acc_dtype = torch.promote_types(g2.dtype, torch.float32)  # half types sum their chunks in float32
@@ -144,6 +146,7 @@ def restored_weight_grad(g2: torch.Tensor, restore, tensors, weight: torch.Tenso
             acc.addmm_(g2[r0:r1].t(), part_x)
         else:
             acc += (g2[r0:r1].t() @ part_x).to(acc_dtype)
+        del part_x  # before the next chunk is rebuilt: else two chunks are alive at once
     return acc.to(weight.dtype)
 
 

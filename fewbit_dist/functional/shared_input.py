@@ -93,8 +93,34 @@ class RecomputedInput(SavedInput):
         return self.saved
 
     def restorer(self):
-        fn = self.fn
-        return lambda tensors, dtype: fn(*tensors, dtype=dtype)
+        return _RowRecipeRestorer(self.fn) if hasattr(self.fn, "rows") else _RecipeRestorer(self.fn)
+
+
+class _RecipeRestorer:
+    """`restorer(tensors, dtype)` = `fn(*tensors, dtype=dtype)`. Holds the recipe, which holds no tensor."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, tensors, dtype):
+        return self.fn(*tensors, dtype=dtype)
+
+
+class _RowRecipeRestorer(_RecipeRestorer):
+    """A recipe that can also rebuild rows r0:r1 alone (`fn.rows`), so a consumer's weight gradient can
+    rebuild its input in chunks (fewbit_dist.functional.linear.restored_weight_grad). `row_cost`: how many
+    input-sized rows the recipe holds at once per rebuilt row (its transient memory, for sizing the chunks)."""
+
+    __slots__ = ()
+
+    def rows(self, tensors, dtype, r0: int, r1: int):
+        return self.fn.rows(*tensors, dtype=dtype, r0=r0, r1=r1)
+
+    @property
+    def row_cost(self) -> int:
+        return getattr(self.fn, "row_cost", 1)
 
 
 def _hooks_context():
