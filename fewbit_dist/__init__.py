@@ -9,7 +9,7 @@ Importing the package imports torch only: no DeepSpeed, no transformers, no CUDA
 
 __version__ = "0.1.0"
 
-from . import functional, memory, presets, quant, util  # noqa: E402,F401
+from . import functional, memory, optim, presets, quant, util  # noqa: E402,F401
 from .config import FewBitConfig  # noqa: E402
 from .convert import ConversionReport, conversion_report, convert  # noqa: E402
 from .nn.dropout import Dropout  # noqa: E402
@@ -27,6 +27,6 @@ PIECEWISE_ACTIVATIONS = ("ReLU", "LeakyReLU", "Threshold", "Hardsigmoid", "Hardt
 __all__ = [
     "__version__", "convert", "conversion_report", "ConversionReport", "FewBitConfig", "FewBitActivation",
     "RandomizedLinear", "LowBitLinear", "ExactLinear", "Dropout", "presets",
-    "functional", "memory", "quant", "util", "SMOOTH_ACTIVATIONS", "PIECEWISE_ACTIVATIONS",
+    "functional", "memory", "optim", "quant", "util", "SMOOTH_ACTIVATIONS", "PIECEWISE_ACTIVATIONS",
     *SMOOTH_ACTIVATIONS, *PIECEWISE_ACTIVATIONS,
 ]

@@ -4,6 +4,7 @@
     python launch/bench_peak.py --quick              # a fast check (2 layers, 128 tokens, fp32, 1 repeat)
     python launch/bench_peak.py --roberta            # the RoBERTa-base shape (sequence classification, 4 x 128)
     python launch/bench_peak.py --optimizer --trace  # include the AdamW step; locate each peak
+    python launch/bench_peak.py --optimizer-in-backward   # AdamW stepped inside backward, the second step
     python launch/bench_peak.py --strategies zero3,fsdp2 --world-size 2   # per rank, 2 ranks over gloo
 
 Model: a SmolLM2-shaped LlamaForCausalLM (8 layers, hidden 576, FFN 1536, 9 heads, 3 KV heads, vocab 8192,
@@ -43,6 +44,11 @@ results.json rows keep each rank's median (`peak_mib_ranks`, `saved_mib_ranks`) 
 (`peak_vs_vanilla`, `saved_vs_vanilla`). All checkpointing modes run under both wrappers. bf16 under
 zero3/fsdp2 is the same fp32 weights under torch.autocast (not DeepSpeed's bf16 section nor FSDP2's
 MixedPrecisionPolicy).
+
+--optimizer-in-backward (single process): every variant, vanilla included, trains with AdamW stepped inside
+backward (fewbit_dist.optim.OptimizerInBackward: each parameter updated and its gradient freed as soon as it
+is accumulated); one unmeasured step allocates AdamW's state, and the second step is measured. Ratios compare
+variants under that same loop (results.json rows: "optimizer": "in-backward").
 
 --trace: each process also records VmRSS and VmHWM at every module's forward and backward boundary (module
 hooks), so the results say between which two events the step's peak occurred and how high the resident set
@@ -199,14 +205,23 @@ def child(spec: dict) -> dict:
         prepare(model, spec)
     except Exception as exc:  # noqa: BLE001 - a preset that does not resolve yet: record it
         return {"error": f"{type(exc).__name__}: {exc}"}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if spec["optimizer"] else None
+    if spec["optimizer"] == "in-backward":
+        # AdamW steps inside backward; one unmeasured step first allocates its state, as any run's first step does
+        fewbit_dist.optim.OptimizerInBackward(model.parameters(), torch.optim.AdamW, lr=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["dtype"] == "bf16"):
+            loss = model(**batch).loss
+        loss.backward()
+        del loss
+        opt = None
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if spec["optimizer"] else None
     out = measure_step(spec, model, model, batch, lambda loss: loss.backward(), opt and opt.step)
     model.zero_grad(set_to_none=True)
     return {**out, "saved_bytes": saved_bytes(spec, model, model, batch)}
 
 
 def measure_step(spec: dict, net, module, batch: dict, backward, opt_step=None) -> dict:
-    """The first training step through `net` (the model or its wrapper) under PeakMemory: forward (bf16
+    """One training step through `net` (the model or its wrapper) under PeakMemory: forward (bf16
     autocast for dtype bf16), `backward(loss)`, and `opt_step()` when given and --optimizer; with --trace,
     where in `module` the peak occurred."""
     import torch
@@ -696,6 +711,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt", default=",".join(CKPT_MODES), help=f"comma list of {', '.join(CKPT_MODES)}")
     p.add_argument("--repeats", type=int, default=None, help="fresh processes per configuration (default 3)")
     p.add_argument("--optimizer", action="store_true", help="include an AdamW step in the measured region")
+    p.add_argument("--optimizer-in-backward", action="store_true",
+                   help="every variant steps AdamW inside backward (fewbit_dist.optim.OptimizerInBackward, single "
+                        "process only); measures the second step, after one that allocated AdamW's state")
     p.add_argument("--trace", action="store_true", help="record where in the step each peak occurs")
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads of a single process; each of N ranks gets threads // N (at least 1)")
@@ -734,6 +752,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise SystemExit(f"--repeats: the search measures each probe once, got --repeats {args.repeats}")
     elif args.budget_mib is not None:
         raise SystemExit("--budget-mib applies only with --search-batch")
+    if args.optimizer_in_backward and args.optimizer:
+        raise SystemExit("--optimizer and --optimizer-in-backward exclude each other: pick the loop to measure")
+    if args.optimizer_in_backward and args.strategies != ["single"]:
+        raise SystemExit("--optimizer-in-backward measures a single process (--strategies single): under ZeRO-3 "
+                         "and FSDP2 gradients must be reduced before the step")
     return args
 
 
@@ -784,7 +807,8 @@ def main(argv=None) -> None:
         for dtype in args.dtypes:
             for ckpt in args.ckpt:
                 for variant in variants:
-                    spec = dict(shape=shape, dtype=dtype, variant=variant, ckpt=ckpt, optimizer=args.optimizer,
+                    optimizer = "in-backward" if args.optimizer_in_backward else args.optimizer
+                    spec = dict(shape=shape, dtype=dtype, variant=variant, ckpt=ckpt, optimizer=optimizer,
                                 quick=args.quick, trace=args.trace, threads=threads, strategy=strategy,
                                 world_size=ws)
                     where = f"{shape} {strategy} x{ws} {dtype} {ckpt:9s} {variant:10s}"
@@ -811,9 +835,12 @@ def main(argv=None) -> None:
                   else f"batch {SHAPES[shape]['batch']} {tokens}")
     title = (f"{shape}: {sizes['num_hidden_layers']} layers x {sizes['hidden_size']}, {batch_text}"
              f"{', quick' if args.quick else ''}")
-    measured = ("the first training step's peak RSS above the step's start (forward + backward"
-                + (" + AdamW step" if args.optimizer else "") + "; fewbit_dist.memory.PeakMemory, Linux high-water "
-                "mark), parameters and data already resident.")
+    measured = ("the second training step's peak RSS above the step's start (forward + backward with AdamW "
+                "stepping each parameter inside backward, fewbit_dist.optim.OptimizerInBackward; the first step "
+                "allocated AdamW's state" if args.optimizer_in_backward else
+                "the first training step's peak RSS above the step's start (forward + backward"
+                + (" + AdamW step" if args.optimizer else ""))
+    measured += ("; fewbit_dist.memory.PeakMemory, Linux high-water mark), parameters and data already resident.")
     if args.search_batch:
         method = ("Each probe of the search: one fresh process (or one set of fresh ranks), one repeat (no median), "
                   + measured + " x vanilla: the variant's largest batch over vanilla's in the same strategy, "

@@ -215,7 +215,9 @@ def test_unknown_strategy_names_the_argument_and_the_allowed_values(bp):
 
 
 BAD = [(["--dtypes", "fp16"], "--dtypes"), (["--ckpt", "reentrant"], "--ckpt"), (["--strategies", ""], "--strategies"),
-       (["--world-size", "0"], "--world-size"), (["--repeats", "0"], "--repeats"), (["--threads", "0"], "--threads")]
+       (["--world-size", "0"], "--world-size"), (["--repeats", "0"], "--repeats"), (["--threads", "0"], "--threads"),
+       (["--optimizer", "--optimizer-in-backward"], "--optimizer-in-backward"),
+       (["--optimizer-in-backward", "--strategies", "single,fsdp2"], "--strategies single")]
 
 
 @pytest.mark.parametrize("argv, named", BAD)
@@ -515,3 +517,23 @@ def test_quick_batch_search_within_a_small_budget(bp, tmp_path):
     assert best["vs_vanilla"] == pytest.approx(best["max_batch"] / van["max_batch"])
     md = (tmp_path / "results.md").read_text()
     assert f"largest batch per rank within {budget} MiB (real peak, search)" in md
+
+
+@pytest.mark.slow
+def test_quick_optimizer_in_backward_measures_the_second_step(bp, tmp_path):
+    """--optimizer-in-backward at --quick: every variant's second step, AdamW stepped inside backward. The loss
+    measured is the second step's (below the first's: the first step updated the parameters), and the rows
+    carry the loop, so their ratios compare within it."""
+    pytest.importorskip("transformers")
+    _require_peak_memory()
+    common = ["--quick", "--presets", "max-saving", "--ckpt", "hf", "--repeats", "1", "--timeout", "300"]
+    bp.main(common + ["--optimizer-in-backward", "--out", str(tmp_path / "oib")])
+    bp.main(common + ["--out", str(tmp_path / "plain")])
+    oib = json.loads((tmp_path / "oib" / "results.json").read_text())
+    plain = json.loads((tmp_path / "plain" / "results.json").read_text())
+    for a, b in zip(oib["rows"], plain["rows"]):
+        assert "error" not in a and "error" not in b
+        assert a["optimizer"] == "in-backward" and b["optimizer"] is False
+        assert a["variant"] == b["variant"] and a["loss"] < b["loss"]  # one AdamW step taken before
+    assert oib["rows"][1]["peak_vs_vanilla"] == pytest.approx(oib["rows"][1]["peak_mib"] / oib["rows"][0]["peak_mib"])
+    assert "second training step" in oib["meta"]["method"]
