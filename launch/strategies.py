@@ -37,6 +37,23 @@ def make_optimizer(params, training: dict) -> torch.optim.Optimizer:
     return OPTIMIZERS[training["optimizer"]](params, lr=training["lr"], weight_decay=training["weight_decay"])
 
 
+def make_optimizer_in_backward(params, training: dict, strategy: str, precision: str):
+    """training.optimizer stepped inside backward (fewbit_dist.optim.OptimizerInBackward), after refusing what
+    that loop cannot do."""
+    if strategy != "single":
+        raise ValueError(f"training.optimizer_in_backward trains one process; the {strategy} strategy must reduce "
+                         "gradients across ranks before each step")
+    if training["max_grad_norm"]:
+        raise ValueError("training.optimizer_in_backward cannot clip gradients by their global norm (no moment holds "
+                         f"them all): set training.max_grad_norm to 0 (--max-grad-norm 0), got "
+                         f"{training['max_grad_norm']}")
+    if precision == "fp16":
+        raise ValueError("training.optimizer_in_backward with fp16: loss scaling must see every gradient before the "
+                         "step; use bf16 (--bf16) or fp32")
+    return fewbit_dist.optim.OptimizerInBackward(params, OPTIMIZERS[training["optimizer"]], lr=training["lr"],
+                                                 weight_decay=training["weight_decay"])
+
+
 def deepspeed_config(ds: dict, micro_batch: int, world_size: int, precision: str = "fp32",
                      max_grad_norm: float = 0.0, source="--deepspeed_config") -> dict:
     """A DeepSpeed config completed by the run: the batch sizes (a file that says otherwise is refused), the
@@ -154,7 +171,9 @@ class Single(Strategy):
     def setup(self, model, fewbit, ds_config):
         model = fewbit_dist.convert(model, fewbit)
         self._checkpointing(model, fewbit)
-        self.optimizer = make_optimizer(model.parameters(), self.training)
+        self.in_backward = bool(self.training.get("optimizer_in_backward"))
+        self.optimizer = (make_optimizer_in_backward(model.parameters(), self.training, self.name, self.precision)
+                          if self.in_backward else make_optimizer(model.parameters(), self.training))
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.wrapped = model
         return model
@@ -164,6 +183,9 @@ class Single(Strategy):
             return self.wrapped(**batch).loss
 
     def step(self, loss):
+        if self.in_backward:  # every parameter steps inside backward
+            loss.backward()
+            return
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)

@@ -77,7 +77,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "roberta-tiny.json"
 TRAINING_KEYS = {"batch_size": 8, "seq_len": 64, "lr": 1e-3, "steps": 20, "seed": 0, "checkpointing": "none",
                  "weight_decay": 0.0, "optimizer": "adamw", "precision": "fp32", "eval_every": 0,
-                 "max_grad_norm": 0.0}
+                 "max_grad_norm": 0.0, "optimizer_in_backward": False}
 FINETUNE_TRAINING = {**TRAINING_KEYS, "batch_size": 4, "seq_len": 256, "lr": 5e-5, "steps": 100, "max_grad_norm": 1.0}
 """Training defaults for `--model PATH` without a run config: a pretrained model, fine-tuned."""
 DATA_KEYS = {"task": "embedded", "topics": 3, "focus": 0.9, "examples": None, "path": None, "eval_fraction": 0.05,
@@ -162,6 +162,8 @@ def check_run_config(raw: dict, source, training_defaults=TRAINING_KEYS) -> dict
         raise SystemExit(f"{source}: training.optimizer must be one of {tuple(OPTIMIZERS)}")
     if t["precision"] not in PRECISIONS:
         raise SystemExit(f"{source}: training.precision must be one of {tuple(PRECISIONS)}")
+    if not isinstance(t["optimizer_in_backward"], bool):
+        raise SystemExit(f"{source}: training.optimizer_in_backward must be true or false")
     if d["task"] not in DATA_TASKS:
         raise SystemExit(f"{source}: data.task must be one of {DATA_TASKS} (\"text\" reads data.path)")
     if (d["task"] == "text") != (d["path"] is not None):
@@ -196,7 +198,8 @@ def load_run_config(args) -> dict:
     if args.fewbit is not None:
         cfg["fewbit"] = resolve_fewbit(args.fewbit)
     t = cfg["training"]
-    for key in ("checkpointing", "batch_size", "seed", "lr", "seq_len", "eval_every", "precision"):
+    for key in ("checkpointing", "batch_size", "seed", "lr", "seq_len", "eval_every", "precision", "max_grad_norm",
+                "optimizer_in_backward"):
         if getattr(args, key) is not None:
             t[key] = getattr(args, key)
     return cfg
@@ -286,6 +289,9 @@ def check_run(cfg, task: str, strategy_name: str) -> None:
     """What the run cannot do, refused before anything is built."""
     if cfg["data"]["task"] == "embedded" and task != "classification":
         raise SystemExit(f"the embedded task trains a sequence classifier, not a {task} model: pass --data FILE")
+    if strategy_name in ("deepspeed", "fsdp2") and cfg["training"]["optimizer_in_backward"]:
+        raise SystemExit(f"--optimizer-in-backward trains one process: the {strategy_name} strategy steps its own "
+                         "optimizer after reducing gradients across ranks")
     if strategy_name == "fsdp2" and cfg["training"]["precision"] == "fp16":
         raise SystemExit("--fp16 with --fsdp: FSDP2 has no fp16 loss scaling on this path; use bf16 (--bf16)")
     if cfg["data"]["task"] == "text":
@@ -389,6 +395,11 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=None, help="per-rank batch (default: training.batch_size)")
     ap.add_argument("--seq-len", dest="seq_len", type=int, default=None, help="tokens per example")
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default: training.lr)")
+    ap.add_argument("--max-grad-norm", dest="max_grad_norm", type=float, default=None,
+                    help="clip gradients to this global norm, 0 for none (default: training.max_grad_norm)")
+    ap.add_argument("--optimizer-in-backward", dest="optimizer_in_backward", action="store_const", const=True,
+                    default=None, help="step the optimizer inside backward, freeing each gradient once used "
+                    "(training.optimizer_in_backward; one process, no clipping: fewbit_dist.optim)")
     ap.add_argument("--eval-every", dest="eval_every", type=int, default=None,
                     help="held-out loss every N steps and before the first (0: only at the end)")
     ap.add_argument("--metrics-out", default=None, help="write the run's metrics as JSON here (rank 0)")
@@ -407,6 +418,8 @@ def parse_args(argv=None):
         ap.error("--eval-every must be >= 0")
     if args.lr is not None and not args.lr > 0:
         ap.error("--lr must be > 0")
+    if args.max_grad_norm is not None and not args.max_grad_norm >= 0:
+        ap.error("--max-grad-norm must be >= 0 (0: no clipping)")
     return args
 
 

@@ -243,6 +243,28 @@ def test_single_process_classifier_with_eval_curve(tiny, tmp_path):
 
 
 @pytest.mark.slow
+def test_optimizer_in_backward_trains_as_the_plain_loop(tiny, tmp_path):
+    """--optimizer-in-backward: the same AdamW updates stepped inside backward give the plain loop's losses (one
+    process, no clipping); what that loop cannot do is refused by name."""
+    model_dir, text = tiny
+    common = [sys.executable, TRAIN, "--no-progress", "--model", model_dir, "--data", text, "--fewbit",
+              fewbit_preset(), "--max-steps", 4, "--batch-size", 2, "--seq-len", 32, "--max-grad-norm", 0,
+              "--checkpointing", "non_reentrant"]
+    run(common + ["--metrics-out", tmp_path / "plain.json"])
+    run(common + ["--optimizer-in-backward", "--metrics-out", tmp_path / "oib.json"])
+    plain, oib = finite_metrics(tmp_path / "plain.json", 1, 4), finite_metrics(tmp_path / "oib.json", 1, 4)
+    assert oib["losses"][0] == plain["losses"][0]
+    assert oib["losses"][1:] == pytest.approx(plain["losses"][1:], rel=1e-5)  # the updates moved the loss alike
+    assert oib["losses"][-1] != oib["losses"][0]
+    for extra, message in [(["--max-grad-norm", 1.0], "max_grad_norm to 0"), (["--fp16"], "use bf16")]:
+        out = run(common + ["--optimizer-in-backward", *extra], check=False, timeout=300)
+        assert out.returncode != 0 and message in out.stderr, (extra, out.stderr[-2000:])
+    out = run([BIN / "torchrun", "--standalone", "--nproc_per_node", 2, *common[1:], "--optimizer-in-backward",
+               "--fsdp"], check=False, timeout=300)
+    assert out.returncode != 0 and "trains one process" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.slow
 def test_bad_arguments_are_refused(tiny, tmp_path):
     model_dir, text = tiny
     for args, message in [(["--fewbit", "no-such-preset"], "presets: vanilla"),
