@@ -246,7 +246,8 @@ def peak_block(results: Path = RESULTS) -> str:
                 "|---|---|---|---|---|---|---:|---:|" + ("---|" if per_rank else "") + "---:|---:|"]
         for where, meta, r in items:
             malloc = ", ".join(f"{k}={v}" for k, v in (meta.get("malloc_env") or {}).items()) or "default"
-            ckpt = r["ckpt"] + (" + AdamW" if r.get("optimizer") else "")
+            opt = r.get("optimizer")
+            ckpt = r["ckpt"] + (" + AdamW in backward, 2nd step" if opt == "in-backward" else " + AdamW" if opt else "")
             head = f"| {where} | {r['shape']} | {r['dtype']} | {malloc} | {ckpt} | {r['variant']} |"
             if "error" in r or _peak(r) is None:
                 out.append(f"{head} error: {str(r.get('error'))[:100]} | | " + ("| " if per_rank else "") + "| |")

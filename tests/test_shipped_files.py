@@ -165,6 +165,11 @@ def synthetic_results(root: Path) -> Path:
                       peak_mib_ranks=[240.0, 230.0], saved_mib=None, saved_error="x"),
                  dict(base, variant="vanilla", ckpt="none", strategy="single", world_size=1, peak_mib=123.0,
                       peak_mib_ranks=[123.0], saved_mib=50.0)]})
+    # --optimizer-in-backward: its ratios against vanilla under the same loop, not the plain loop's vanilla
+    _write(root / "peak" / "oib" / "results.json", {"meta": {"title": "T-oib", "command": "c-oib", "malloc_env": {}},
+           "rows": [dict(base, variant=v, ckpt="hf", optimizer="in-backward", peak_mib=pk, saved_mib=sv)
+                    for v, pk, sv in (("vanilla", 250.0, 100.0), ("max-saving", 50.0, 20.0))]
+           + [dict(base, variant="vanilla", ckpt="hf", peak_mib=999.0, saved_mib=100.0)]})
     # launch/bench_step.py: an older run and a --quick run of the same configuration, left out
     cfg = {"model": "smollm2", "layers": 4, "batch": 4, "seq": 512, "dtype": "fp32", "repeats": 5, "threads": 2,
            "tiny": False}
@@ -251,7 +256,9 @@ EXPECTED = {
               "| new | smollm2 | fp32 | MALLOC_MMAP_THRESHOLD_=65536 | hf | max-saving | 240 | 0.80 | 240 / 230 | - "
               "| - |",
               "| new | smollm2 | fp32 | MALLOC_MMAP_THRESHOLD_=65536 | none | vanilla | 123 | 1.00 | 50.0 | 1.00 |",
-              "`old`: T-old; `c-old`"], ["| exact |"]),
+              "`old`: T-old; `c-old`",
+              "| oib | smollm2 | fp32 | default | hf + AdamW in backward, 2nd step | max-saving | 50 | 0.20 | 20.0 | 0.20 |"],
+             ["| exact |"]),
     "step": (["| smollm2 | 4 | 4 x 512 | fp32 | max-saving | 3.000 | 1.500 [1.250, 1.750] |"], ["9.999", "7.777"]),
     "memory": (["| best | 6-bit | int8 | 1-bit | 100.0 | -75.0% |", "| vanilla | 12 | extrapolated (CPU) | 100.00 |",
                 "### single, 1 rank(s), checkpointing non_reentrant"], ["# Memory benchmark"]),
