@@ -48,10 +48,12 @@ def _times(a: torch.Tensor, up: torch.Tensor, *inputs: torch.Tensor) -> torch.Te
     """a * up, in place in `a` (no second temporary of the MLP's width) when that gives the same tensor: a's
     dtype is the product's and a shares no memory with `inputs` (an activation may return its input). Under
     torch.compile out of place: memory addresses are not traceable, and the compiler plans buffers itself."""
-    if torch.compiler.is_compiling() or a.dtype != torch.promote_types(a.dtype, up.dtype) or a.shape != torch.broadcast_shapes(a.shape, up.shape) \
-            or any(a.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in (up, *inputs)):
+    if torch.compiler.is_compiling():
         return a * up
-    return a.mul_(up)
+    same_result = a.dtype == torch.promote_types(a.dtype, up.dtype) and a.shape == torch.broadcast_shapes(a.shape,
+                                                                                                          up.shape)
+    aliased = any(a.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in (up, *inputs))
+    return a.mul_(up) if same_result and not aliased else a * up
 
 
 class _HRecipe:
