@@ -32,6 +32,11 @@ takes its slice), so runs compare across strategies and world sizes.
 Precision (--bf16 / --fp16, training.precision): autocast for a single process and DDP, DeepSpeed's bf16/fp16
 section, FSDP2's MixedPrecisionPolicy (launch/strategies.py); fp32 master weights everywhere.
 
+Optimizer (training.optimizer, lr, weight_decay, max_grad_norm): stepped after backward, or with
+--optimizer-in-backward (training.optimizer_in_backward, one process only, max_grad_norm 0, not fp16) inside
+backward, each parameter as soon as its gradient is accumulated, which then is freed
+(fewbit_dist.optim.OptimizerInBackward): a checkpointed step's peak no longer holds the parameter gradients.
+
 Metrics (--metrics-out): world_size, strategy, launcher, checkpointing, precision, task, the fewbit config,
 steps, the global training loss per step (`losses`), `eval_loss` (held-out, at the end) and `eval_curve`
 ([{"step", "eval_loss"}]), tokens per second, and per rank the peak memory (CUDA max_memory_allocated; CPU
