@@ -206,7 +206,8 @@ def child(spec: dict) -> dict:
     except Exception as exc:  # noqa: BLE001 - a preset that does not resolve yet: record it
         return {"error": f"{type(exc).__name__}: {exc}"}
     if spec["optimizer"] == "in-backward":
-        # AdamW steps inside backward; one unmeasured step first allocates its state, as any run's first step does
+        # AdamW steps inside backward, from hooks on the parameters (which keep the stepper alive); one
+        # unmeasured step first allocates its state, as any run's first step does
         fewbit_dist.optim.OptimizerInBackward(model.parameters(), torch.optim.AdamW, lr=1e-4)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["dtype"] == "bf16"):
             loss = model(**batch).loss
