@@ -125,5 +125,9 @@ def test_bad_arguments_name_the_problem():
         OptimizerInBackward([model[0].weight, model[0].weight], torch.optim.SGD, lr=0.1)
     with pytest.raises(ValueError, match="no parameter that requires grad"):
         OptimizerInBackward([torch.zeros(3)], torch.optim.SGD, lr=0.1)
+    zero3 = nn.Parameter(torch.zeros(3))
+    zero3.ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
+    with pytest.raises(ValueError, match="sharded by FSDP or DeepSpeed"):
+        OptimizerInBackward([zero3], torch.optim.SGD, lr=0.1)
     with pytest.raises(TypeError, match=r"params\[1\]"):
         OptimizerInBackward([{"params": [model[0].weight]}, 3], torch.optim.SGD, lr=0.1)
