@@ -149,8 +149,6 @@ class _GatedFn(torch.autograd.Function):
             r1 = min(n, r0 + step)
             if ctx.mode == "exact":
                 gate, up = gate2[r0:r1], up2[r0:r1]
-            elif step == n:
-                gate, up = ctx.restores[0](t[:3], ctx.dtypes[0]), ctx.restores[1](t[3:], ctx.dtypes[1])
             else:
                 gate = ctx.restores[0].rows(t[:3], ctx.dtypes[0], r0, r1)
                 up = ctx.restores[1].rows(t[3:], ctx.dtypes[1], r0, r1)
