@@ -193,6 +193,13 @@ class Tracer:
                 "rss_after_mib": mib(self.events[i][1]), "events": len(self.events)}
 
 
+def _autocast(spec: dict):
+    """bf16 autocast for dtype bf16 (fp32 weights, as Trainer's bf16=True), a no-op context for fp32."""
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["dtype"] == "bf16")
+
+
 def child(spec: dict) -> dict:
     import torch
 
@@ -209,7 +216,7 @@ def child(spec: dict) -> dict:
         # AdamW steps inside backward, from hooks on the parameters (which keep the stepper alive); one
         # unmeasured step first allocates its state, as any run's first step does
         fewbit_dist.optim.OptimizerInBackward(model.parameters(), torch.optim.AdamW, lr=1e-4)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["dtype"] == "bf16"):
+        with _autocast(spec):
             loss = model(**batch).loss
         loss.backward()
         del loss
@@ -225,11 +232,9 @@ def measure_step(spec: dict, net, module, batch: dict, backward, opt_step=None) 
     """One training step through `net` (the model or its wrapper) under PeakMemory: forward (bf16
     autocast for dtype bf16), `backward(loss)`, and `opt_step()` when given and --optimizer; with --trace,
     where in `module` the peak occurred."""
-    import torch
-
     from fewbit_dist.memory import PeakMemory
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["dtype"] == "bf16")
+    autocast = _autocast(spec)
     tracer = Tracer(module) if spec["trace"] else None
     t0 = time.perf_counter()
     with PeakMemory("cpu") as pm:
@@ -249,11 +254,9 @@ def measure_step(spec: dict, net, module, batch: dict, backward, opt_step=None) 
 
 def saved_bytes(spec: dict, net, module, batch: dict) -> int:
     """Saved-activation bytes of one more forward through `net` (outside the measured region)."""
-    import torch
-
     from fewbit_dist.memory import SavedTensorMeter
 
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["dtype"] == "bf16"), \
+    with _autocast(spec), \
             SavedTensorMeter(module) as meter:
         net(**batch)
     return meter.nbytes
