@@ -16,23 +16,37 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).resolve().parent
 
 
+def _buildinfo():
+    """fewbit_dist/ops/buildinfo.py, executed by path (the package cannot be imported before it is installed)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_fewbit_buildinfo", ROOT / "fewbit_dist" / "ops" / "buildinfo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def native_extensions():
-    """The prebuilt native modules fewbit_dist.ops loads before any JIT build (FEWBIT_BUILD_OPS=1)."""
+    """The prebuilt native modules fewbit_dist.ops loads before any JIT build (FEWBIT_BUILD_OPS=1). Each carries
+    its build hash (buildinfo.build_hash with route 'setup'), so the loader can tell a stale one."""
     if os.environ.get("FEWBIT_BUILD_OPS") != "1":
         return [], {}
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    include = [str(ROOT / "csrc" / "include")]
+    info = _buildinfo()
+    csrc = ROOT / "csrc"
+    include = [str(csrc / "include")]
+    cpu_define = info.hash_define(info.build_hash(csrc, "cpu", "setup", info.CPU_CXX_ARGS + info.CPU_LDFLAGS))
     exts = [CppExtension("fewbit_dist._fewbit_cpu", ["csrc/cpu/fewbit_cpu.cpp"], include_dirs=include,
-                         # the flags of fewbit_dist.ops.builder.CPU_CXX_ARGS (no FMA: the reference's bytes)
-                         extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"],
-                         extra_link_args=["-fopenmp"])]
+                         extra_compile_args=info.CPU_CXX_ARGS + [cpu_define], extra_link_args=info.CPU_LDFLAGS)]
     if torch.version.cuda and CUDA_HOME:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", info.DEFAULT_CUDA_ARCHS)
+        cuda_define = info.hash_define(info.build_hash(csrc, "cuda", "setup", info.CUDA_CXX_ARGS + info.CUDA_NVCC_ARGS))
         exts.append(CUDAExtension("fewbit_dist._fewbit_cuda", ["csrc/cuda/binding.cpp", "csrc/cuda/fewbit_cuda.cu"],
-                                  include_dirs=include, extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                                                                            "nvcc": ["-O3", "-std=c++17"]}))
+                                  include_dirs=include,
+                                  extra_compile_args={"cxx": info.CUDA_CXX_ARGS + [cuda_define],
+                                                      "nvcc": info.CUDA_NVCC_ARGS + [cuda_define]}))
     return exts, {"build_ext": BuildExtension}
 
 

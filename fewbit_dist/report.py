@@ -83,6 +83,20 @@ def _op_status(device: str, op: str, mode: str) -> str:
     return f"native ({state['source']}), in use"
 
 
+def _module_line(device: str, mode: str) -> str:
+    """Which native module is loaded for `device`: prebuilt or JIT, its path and build hash."""
+    from .ops import native
+
+    state = native.native_state(device)
+    if mode == "0" or not state["tried"]:
+        return "not loaded"
+    if not state["loaded"]:
+        return f"not loaded ({_first_line(state['error'])})"
+    how = "prebuilt at install" if state["source"] == "prebuilt" else (
+        "JIT, built now" if state["compiled"] else "JIT, from the build cache")
+    return f"{how}: {state['path']} (build hash {state['build_hash']})"
+
+
 def report(build: bool = True) -> str:
     from .ops import native
 
@@ -108,6 +122,8 @@ def report(build: bool = True) -> str:
                 native.native_module(device)
             except Exception as exc:  # FEWBIT_NATIVE=1 and a failed build: report it, do not die
                 lines.append(f"  ({device} load failed: {_first_line(str(exc))})")
+    for device in devices:
+        lines.append(f"{device + ' kernels ':.<19} {_module_line(device, mode)}")
     ops = registered_ops()
     width = max(len(op) for op in ops) + 4
     lines.append("native ops (torch.library):")

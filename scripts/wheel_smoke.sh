@@ -2,7 +2,8 @@
 # The package as a user gets it: build a wheel (`pip wheel . --no-deps --no-build-isolation`), install it with
 # `pip install --no-deps --target DIR`, make DIR read-only and, from an empty folder with PYTHONPATH=DIR, check
 # that fewbit_dist is imported from DIR, converts a model with every shipped preset by name, JIT-builds its native
-# CPU op from the installed sources (FEWBIT_NATIVE=1, a fresh TORCH_EXTENSIONS_DIR) and uses it, keeps a forward
+# CPU op from the installed sources (FEWBIT_NATIVE=1, a fresh TORCH_EXTENSIONS_DIR) and uses it (the second
+# install finds the first one's build: same sources, same build hash), keeps a forward
 # hook registered before `convert`, and that `python -m fewbit_dist.report` lists every registered native op.
 # Then the same from a plain (non-editable) `pip install .` into another folder.
 # Everything happens in temporary folders; the sources are copied first, so no build/ of the checkout is used.
@@ -82,6 +83,8 @@ borders = torch.tensor([-1.0, 0.0, 1.0])
 packed = torch.ops.fewbit.encode_pack(x, borders, 2)
 state = native.native_state("cpu")
 assert state["loaded"] and state["source"] == "jit", state
+# Both installs share one TORCH_EXTENSIONS_DIR: the first builds, the second (the same sources) finds that build.
+assert state["compiled"] == (os.environ["FEWBIT_SMOKE_EXPECT_BUILD"] == "1"), state
 assert torch.equal(packed, native.reference_encode_pack(x, borders, 2))
 built = list(Path(os.environ["TORCH_EXTENSIONS_DIR"]).rglob(f"{builder.CPU_NAME}*.so"))
 assert built, f"no {builder.CPU_NAME} module was built under TORCH_EXTENSIONS_DIR"
@@ -105,10 +108,13 @@ for op in ops:
 print(f"ok: {len(names)} presets, native {', '.join(ops)} built from {pkg / 'csrc'}")
 EOF
 
+expect_build=1
 for site in "$work/wheel-site" "$work/pip-site"; do
   log "checking the install in $(basename "$site") (read-only) from an empty folder"
   chmod -R a-w "$site"
   (cd "$work/empty" && env PYTHONPATH="$site" FEWBIT_SMOKE_SITE="$site" FEWBIT_NATIVE=1 DS_ACCELERATOR=cpu \
-     TORCH_EXTENSIONS_DIR="$work/ext/$(basename "$site")" PYTHONDONTWRITEBYTECODE=1 "$py" "$work/checks.py")
+     TORCH_EXTENSIONS_DIR="$work/ext" FEWBIT_SMOKE_EXPECT_BUILD=$expect_build PYTHONDONTWRITEBYTECODE=1 \
+     "$py" "$work/checks.py")
+  expect_build=0
 done
 log "passed"

@@ -529,8 +529,15 @@ std::tuple<int64_t, int64_t> bit_position(int64_t element, int64_t bits) {
 
 }  // namespace
 
+#ifndef FEWBIT_BUILD_HASH
+#define FEWBIT_BUILD_HASH unknown  // the build passes fewbit_dist.ops.buildinfo.build_hash
+#endif
+#define FEWBIT_STRINGIFY_(x) #x
+#define FEWBIT_STRINGIFY(x) FEWBIT_STRINGIFY_(x)
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fewbit_dist CPU kernels";
+  m.attr("build_hash") = FEWBIT_STRINGIFY(FEWBIT_BUILD_HASH);
   m.def("encode_pack", &encode_pack, "codes of input against borders, packed at bits per element");
   m.def("unpack_scale", &unpack_scale, "levels[code] * grad, computed in the compute dtype");
   m.def("quantize_pack", &quantize_pack, "group-affine codes of a [rows, cols] input, packed at bits per element");

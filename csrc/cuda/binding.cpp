@@ -11,8 +11,15 @@ torch::Tensor unpack_dequantize_cuda(const torch::Tensor& packed, const torch::T
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_groups_cuda(
     const torch::Tensor& input, int64_t bits, int64_t group_size, const c10::optional<torch::Tensor>& seed);
 
+#ifndef FEWBIT_BUILD_HASH
+#define FEWBIT_BUILD_HASH unknown  // the build passes fewbit_dist.ops.buildinfo.build_hash
+#endif
+#define FEWBIT_STRINGIFY_(x) #x
+#define FEWBIT_STRINGIFY(x) FEWBIT_STRINGIFY_(x)
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fewbit_dist CUDA kernels";
+  m.attr("build_hash") = FEWBIT_STRINGIFY(FEWBIT_BUILD_HASH);
   m.def("encode_pack", &encode_pack_cuda, "codes of input against borders, packed at bits per element");
   m.def("unpack_scale", &unpack_scale_cuda, "levels[code] * grad, computed in the compute dtype");
   m.def("quantize_pack", &quantize_pack_cuda, "group-affine codes of a [rows, cols] input, packed at bits per element");

@@ -1,11 +1,11 @@
 """Load policy of the native kernels: a prebuilt module, else a JIT build, else the pure-PyTorch reference.
 
 Environment variable FEWBIT_NATIVE:
-- unset: use the native kernels if they load (a prebuilt module, else a JIT build through the DeepSpeed
-  OpBuilder, or torch.utils.cpp_extension with the same sources where DeepSpeed is not installed, cached by
-  torch under TORCH_EXTENSIONS_DIR); if they cannot be built, warn once and use the
-  reference. CPU tensors use the CPU kernels, CUDA tensors the CUDA ones (csrc/cuda, built for
-  TORCH_CUDA_ARCH_LIST, default 8.0;9.0);
+- unset: use the native kernels if they load (a prebuilt module whose build hash matches the package's sources,
+  else a JIT build through the DeepSpeed OpBuilder, or torch.utils.cpp_extension with the same sources where
+  DeepSpeed is not installed, cached under TORCH_EXTENSIONS_DIR in a folder named by its build hash: see
+  ops/builder.py); if they cannot be built, warn once and use the reference. CPU tensors use the CPU kernels,
+  CUDA tensors the CUDA ones (csrc/cuda, built for TORCH_CUDA_ARCH_LIST, default 8.0;9.0);
 - "0": always the reference;
 - "1": native or an error (a failed build raises).
 """
@@ -17,11 +17,12 @@ import os
 import threading
 import warnings
 
-__all__ = ["native_module", "native_available", "native_state"]
+__all__ = ["native_module", "native_available", "native_state", "prebuilt_hash"]
 
 _lock = threading.Lock()
-_LOADERS = {"cpu": ("fewbit_dist._fewbit_cpu", "jit_load_cpu"), "cuda": ("fewbit_dist._fewbit_cuda", "jit_load_cuda")}
-_states: dict = {dev: {"tried": False, "module": None, "error": None, "source": None} for dev in _LOADERS}
+_PREBUILT = {"cpu": "fewbit_dist._fewbit_cpu", "cuda": "fewbit_dist._fewbit_cuda"}
+_FIELDS = ("tried", "module", "error", "source", "path", "build_hash", "compiled")
+_states: dict = {dev: dict.fromkeys(_FIELDS) | {"tried": False} for dev in _PREBUILT}
 
 
 def _mode() -> str:
@@ -31,40 +32,53 @@ def _mode() -> str:
     return mode
 
 
-def _jit_load(jit: str):
-    """(module, source) from the builder's `jit` function; without DeepSpeed, the CUDA kernels are built by
-    torch.utils.cpp_extension from the same sources (builder.jit_load_cpu already does so for the CPU)."""
-    from . import builder
+def prebuilt_hash(device_type: str) -> str:
+    """The build hash a module built at install time from the package's sources carries (setup.py computes the
+    same with route 'setup')."""
+    from . import buildinfo
+    from .builder import find_csrc
 
+    flags = (buildinfo.CPU_CXX_ARGS + buildinfo.CPU_LDFLAGS if device_type == "cpu"
+             else buildinfo.CUDA_CXX_ARGS + buildinfo.CUDA_NVCC_ARGS)
+    return buildinfo.build_hash(find_csrc(), device_type, "setup", flags)
+
+
+def _load_prebuilt(device_type: str):
+    """The module built at install time, or None where there is none or it was built from other sources or
+    for another torch (then the JIT build takes over, and says why once)."""
     try:
-        return getattr(builder, jit)(), "jit"
-    except ImportError as exc:
-        if jit != "jit_load_cuda" or "deepspeed" not in str(exc):
-            raise
-    from torch.utils.cpp_extension import load
-
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", builder.DEFAULT_CUDA_ARCHS)
-    builder.clear_stale_lock(builder.CUDA_NAME)
-    module = load(name=builder.CUDA_NAME, sources=builder.cuda_sources(), extra_include_paths=builder.include_paths(),
-                  extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=["-O3", "-lineinfo"])
-    return module, "jit (cpp_extension)"
+        module = importlib.import_module(_PREBUILT[device_type])
+    except ImportError:
+        return None
+    expected, found = prebuilt_hash(device_type), getattr(module, "build_hash", "unknown")
+    if found != expected:
+        warnings.warn(f"fewbit_dist: the prebuilt {device_type} kernels ({module.__file__}) were built from other "
+                      f"sources or for another torch (build hash {found}, expected {expected}); using a JIT "
+                      f"build instead. Rebuild them with scripts/setup.sh or FEWBIT_BUILD_OPS=1 pip install.",
+                      RuntimeWarning, stacklevel=4)
+        return None
+    return module
 
 
 def native_module(device_type: str = "cpu"):
     """The loaded native module for `device_type` ("cpu" or "cuda"), or None (reference). Loads on first call."""
-    if device_type not in _LOADERS or _mode() == "0":
+    if device_type not in _PREBUILT or _mode() == "0":
         return None
     state = _states[device_type]
     with _lock:
         if not state["tried"]:
             state["tried"] = True
-            prebuilt, jit = _LOADERS[device_type]
             try:
-                try:
-                    state["module"] = importlib.import_module(prebuilt)
-                    state["source"] = "prebuilt"
-                except ImportError:
-                    state["module"], state["source"] = _jit_load(jit)
+                module = _load_prebuilt(device_type)
+                if module is not None:
+                    state.update(module=module, source="prebuilt", path=module.__file__,
+                                 build_hash=module.build_hash, compiled=False)
+                else:
+                    from . import builder
+
+                    module, info = builder.jit_load(device_type)
+                    state.update(module=module, source="jit", path=str(info["library"]),
+                                 build_hash=info["build_hash"], compiled=info["compiled"])
             except Exception as exc:  # a compiler or header problem: fall back, say so once
                 state["error"] = f"{type(exc).__name__}: {exc}"
                 if _mode() == "1":
@@ -83,6 +97,7 @@ def native_available(device_type: str = "cpu") -> bool:
 
 
 def native_state(device_type: str = "cpu") -> dict:
-    """What loading did: tried, source ('prebuilt' or 'jit'), error (for `python -m fewbit_dist.report`)."""
+    """What loading did (for `python -m fewbit_dist.report`): tried, loaded, source ('prebuilt' or 'jit'), path
+    of the module, its build hash, whether this process compiled it, error."""
     state = _states[device_type]
-    return {k: state[k] for k in ("tried", "source", "error")} | {"loaded": state["module"] is not None}
+    return {k: state[k] for k in _FIELDS if k != "module"} | {"loaded": state["module"] is not None}
