@@ -8,7 +8,9 @@ a forward, trainable parameters excluded. Exact and deterministic on any device:
     print(meter.nbytes)
 
 Two tensors that share a storage (views, or one tensor saved by two ops) count once; a view counts its whole
-storage, because that is what stays alive. Parameters (any nn.Parameter, and every tensor sharing a storage
+storage, because that is what stays alive. Storages are told apart by identity (`storage_id`), not by data
+address, so meta and fake tensors (FakeTensorMode: a full-size model with no memory) count as real ones do.
+Parameters (any nn.Parameter, and every tensor sharing a storage
 with the parameters of the modules passed in) are excluded: they live for the whole run anyway.
 
 Only the innermost `saved_tensors_hooks` see a saved tensor: a forward run under non-reentrant activation
@@ -48,7 +50,7 @@ from typing import Iterable, Union
 import torch
 from torch import nn
 
-__all__ = ["SavedTensorMeter", "SavedRecord", "saved_activation_bytes", "PeakMemory", "PeakMemoryUnavailable",
+__all__ = ["SavedTensorMeter", "SavedRecord", "storage_id", "saved_activation_bytes", "PeakMemory", "PeakMemoryUnavailable",
            "peak_memory_bytes", "reset_peak_memory", "format_bytes"]
 
 
@@ -60,8 +62,15 @@ class SavedRecord:
     storage_nbytes: int  # bytes of the storage, counted once per distinct storage
 
 
+def storage_id(t: torch.Tensor) -> int:
+    """What identifies the memory of `t` while its storage lives: the address of its storage object (views of
+    one tensor share it). Unlike `data_ptr()` it works for meta and fake tensors, which have no data; keep the
+    storage alive while the id is in use, or the address can be reused."""
+    return t.untyped_storage()._cdata
+
+
 def _storage_key(t: torch.Tensor):
-    return (t.device.type, t.device.index, t.untyped_storage().data_ptr())
+    return (t.device.type, t.device.index, storage_id(t))
 
 
 class SavedTensorMeter:
@@ -113,7 +122,7 @@ class SavedTensorMeter:
         base = t._base if t._base is not None else t
         if isinstance(t, nn.Parameter) or isinstance(base, nn.Parameter):
             return t.detach()
-        if t.device.type == "meta" or not hasattr(t, "untyped_storage"):
+        if not hasattr(t, "untyped_storage"):
             return t.detach()
         try:
             key = _storage_key(t)

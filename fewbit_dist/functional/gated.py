@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..memory import storage_id
 from ..validation import check_callable, check_choice, check_generator, check_tensor
 from . import shared_input
 from .linear import draw_seed
@@ -52,7 +53,7 @@ def _times(a: torch.Tensor, up: torch.Tensor, *inputs: torch.Tensor) -> torch.Te
         return a * up
     same_result = a.dtype == torch.promote_types(a.dtype, up.dtype) and a.shape == torch.broadcast_shapes(a.shape,
                                                                                                           up.shape)
-    aliased = any(a.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in (up, *inputs))
+    aliased = any(storage_id(a) == storage_id(t) for t in (up, *inputs))
     return a.mul_(up) if same_result and not aliased else a * up
 
 

@@ -42,6 +42,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..memory import storage_id
+
 __all__ = ["SavedInput", "ExactInput", "RecomputedInput", "memory_key", "offer", "take", "forget", "clear"]
 
 
@@ -138,7 +140,7 @@ def _same_context(ref) -> bool:
 
 def memory_key(x: torch.Tensor, *extra) -> tuple:
     """What identifies the contents of `x` while it lives: its memory and version counter (+ `extra`)."""
-    return (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()),
+    return (x.device, storage_id(x), x.storage_offset(), tuple(x.shape), tuple(x.stride()),
             x.dtype, x._version, *extra)
 
 

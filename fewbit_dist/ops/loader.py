@@ -13,7 +13,10 @@ Environment variable FEWBIT_NATIVE:
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
 import os
+import sys
 import threading
 import warnings
 
@@ -46,10 +49,21 @@ def prebuilt_hash(device_type: str) -> str:
 def _load_prebuilt(device_type: str):
     """The module built at install time, or None where there is none or it was built from other sources or
     for another torch (then the JIT build takes over, and says why once)."""
-    try:
-        module = importlib.import_module(_PREBUILT[device_type])
-    except ImportError:
-        return None
+    name = _PREBUILT[device_type]
+    if name in sys.modules:  # loaded before, or None: blocked, as import_module would honour
+        module = sys.modules[name]
+        if module is None:
+            return None
+    else:
+        # Only beside this package: an editable install's finder elsewhere on sys.meta_path would otherwise
+        # hand an installed copy the module of the checkout it was installed from.
+        package = importlib.import_module("fewbit_dist")
+        spec = importlib.machinery.PathFinder.find_spec(name, package.__path__)
+        if spec is None:
+            return None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
     expected, found = prebuilt_hash(device_type), getattr(module, "build_hash", "unknown")
     if found != expected:
         warnings.warn(f"fewbit_dist: the prebuilt {device_type} kernels ({module.__file__}) were built from other "
