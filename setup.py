@@ -69,6 +69,7 @@ setup(
         "fewbit_dist": ["presets/*.json"],
         "fewbit_dist.presets": ["*.json"],
         "fewbit_dist.quant": ["builtin_tables.json"],
+        "fewbit_dist.plan_models": ["*.json"],
         "fewbit_dist.csrc": ["README.md", "include/fewbit/*.h", "cpu/*.cpp", "cuda/*.cpp", "cuda/*.cu"],
     },
     ext_modules=ext_modules,
