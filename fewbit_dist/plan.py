@@ -20,10 +20,14 @@ Strategies are composed from the same timeline, sample by sample: parameters, gr
 divided by the world size where the strategy shards them (ZeRO-1: optimizer state; ZeRO-2: + gradients; ZeRO-3 and
 FSDP2: + parameters), plus what each framework documents it allocates: DDP's gradient buckets (a second copy of the
 gradients, as `gradient_as_bucket_view=False`, the default); DeepSpeed's fp32 master partition (ZeRO 1-3 keep one
-even in fp32) and its reduce bucket (`reduce_bucket_size`, 5e8 elements by default, allocated whole); ZeRO-3's and
-FSDP2's gathered blocks (the block in use and the one prefetched), and in FSDP2's backward one block's unsharded
-gradients before reduce-scatter. What the trace cannot see is listed with every plan (`Plan.unseen`): CUDA kernel
-workspaces and library handles, the caching allocator's fragmentation and rounding, NCCL buffers, the CUDA context.
+even in fp32) and its reduce bucket, allocated whole, with the bucket sizes of configs/ds/zero3.json ("auto":
+hidden_size^2 elements, prefetch 0.9 hidden_size^2, as Hugging Face's Trainer sets them; DeepSpeed's own defaults,
+5e8 and 5e7 elements, hold every gradient of a model below 500M parameters unpartitioned, see
+fewbit_dist.integrations.deepspeed.AUTO_BUCKETS) and ZeRO-3's prefetched parameters; FSDP2's root unit (what lies
+outside the blocks, unsharded from its forward to its backward) and the block in use and the one prefetched, and in
+backward the root's and one block's unsharded gradients before reduce-scatter. What the trace cannot see is listed
+with every plan (`Plan.unseen`): CUDA kernel workspaces and library handles, the caching allocator's fragmentation
+and rounding, NCCL buffers, the CUDA context.
 """
 
 from __future__ import annotations
@@ -52,8 +56,6 @@ DTYPES = ("fp32", "bf16-autocast", "bf16")
 STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp2")
 CHECKPOINTING = ("none", "hf", "boundary8")
 OPTIMIZERS = ("adamw", "sgd", "none")  # none: forward and backward only (as the CPU peak benchmarks measure)
-DEEPSPEED_REDUCE_BUCKET = 500_000_000  # elements: DeepSpeed's reduce_bucket_size default
-DEEPSPEED_PREFETCH_BUCKET = 50_000_000  # elements: stage3_prefetch_bucket_size default
 UNSEEN = ("CUDA kernel workspaces (cuBLAS, flash attention) and library handles",
           "the caching allocator's rounding and fragmentation (PyTorch rounds blocks to 512 B; fragmentation is "
           "workload-dependent)",
@@ -248,6 +250,7 @@ class Trace:
     """One traced training step at one depth: the timeline and what the model holds."""
 
     layers: int
+    hidden_size: int
     samples: list                # (phase, param, grad, opt, act) after every op
     param_bytes: int             # all parameters
     param_numel: int
@@ -290,8 +293,9 @@ def _build(config, spec: PlanSpec, preset: Optional[str]):
         targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)
                           and n.rsplit(".", 1)[-1] not in ("lm_head", "classifier", "dense", "out_proj", "score")}
                          ) or None
-        model = get_peft_model(model, LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, lora_dropout=0.1,
-                                                 target_modules=targets, task_type="CAUSAL_LM" if causal else "SEQ_CLS"))
+        lora = LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, lora_dropout=0.1, target_modules=targets,
+                          task_type="CAUSAL_LM" if causal else "SEQ_CLS")
+        model = get_peft_model(model, lora)
     if preset not in (None, "vanilla"):
         convert(model, preset)
     if spec.checkpointing != "none":
@@ -351,7 +355,8 @@ def trace(spec: PlanSpec, preset: Optional[str] = None, layers: Optional[int] = 
                 opt.zero_grad(set_to_none=True)
             tracker.mark("end")
         end = tracker.samples.pop()[1:]
-        return Trace(layers=config.num_hidden_layers, samples=tracker.samples, param_bytes=nbytes(params),
+        return Trace(layers=config.num_hidden_layers, hidden_size=config.hidden_size, samples=tracker.samples,
+                     param_bytes=nbytes(params),
                      param_numel=sum(p.numel() for p in params),
                      trainable_bytes=nbytes(trainable), trainable_numel=sum(p.numel() for p in trainable),
                      block_param_bytes=nbytes(block_params),
@@ -381,8 +386,10 @@ def _strategy_scale(spec: PlanSpec, t: Trace) -> _Scale:
         return _Scale(1, 1, 1)
     if spec.strategy == "ddp":
         return _Scale(1, 1, 1, extra_always=t.trainable_bytes)
+    from .integrations.deepspeed import AUTO_BUCKETS
+
     master = t.trainable_numel * 4 // w  # DeepSpeed's fp32 master partition
-    bucket = min(DEEPSPEED_REDUCE_BUCKET, t.trainable_numel) * grad_elem
+    bucket = min(AUTO_BUCKETS["reduce_bucket_size"](t.hidden_size), t.trainable_numel) * grad_elem
     if spec.strategy == "zero1":
         return _Scale(1, 1, 1 / w, extra_always=master)
     if spec.strategy == "zero2":
@@ -390,7 +397,8 @@ def _strategy_scale(spec: PlanSpec, t: Trace) -> _Scale:
     elem = t.param_bytes // max(1, t.param_numel)
     if spec.strategy == "zero3":
         # Blocks are gathered as they run, with up to stage3_prefetch_bucket_size elements fetched ahead.
-        gathered = min(DEEPSPEED_PREFETCH_BUCKET * elem + t.block_param_bytes, t.param_bytes)
+        prefetch = AUTO_BUCKETS["stage3_prefetch_bucket_size"](t.hidden_size)
+        gathered = min(prefetch * elem + t.block_param_bytes, t.param_bytes)
         return _Scale(1 / w, 1 / w, 1 / w, extra_always=master + bucket, extra_fwd=gathered)
     # FSDP2: the root unit (what lies outside the blocks) stays unsharded from its forward to its backward
     # (reshard_after_forward=False for the root), plus the block in use and the one prefetched; in backward,
@@ -597,7 +605,10 @@ def render(result: dict) -> str:
             row += ["yes" if p.peak <= result["memory"] else "no", str(p.fit.get("seq", "")), str(p.fit.get("batch",
                                                                                                          ""))]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+    def fmt(cells):
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     lines += [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
     kinds = sorted({k for p in plans for k in p.saved_by_kind})
     if kinds:

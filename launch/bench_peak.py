@@ -307,10 +307,13 @@ def dist_child(spec: dict) -> None:
 
             from strategies import deepspeed_config
 
+            from fewbit_dist.integrations.deepspeed import resolve_auto_buckets
+
             deepspeed.init_distributed(dist_backend=info.backend)  # adopt the gloo group made above
             micro = spec.get("batch") or SHAPES[spec["shape"]]["batch"]
-            ds = deepspeed_config(json.loads(ZERO3_CONFIG.read_text()), micro,
-                                  info.world_size, "fp32", source=str(ZERO3_CONFIG.relative_to(ROOT)))
+            ds_path = Path(spec.get("zero3_config") or ZERO3_CONFIG)
+            ds = deepspeed_config(json.loads(ds_path.read_text()), micro, info.world_size, "fp32",
+                                  source=str(ds_path))
             hf_ds = HfDeepSpeedConfig(ds)  # noqa: F841 - alive while the model is built: zero.Init
             stage = "build"
             model, batch = build(spec, rank=info.rank, from_config=True)
@@ -318,6 +321,7 @@ def dist_child(spec: dict) -> None:
             prepare(model, spec)
             stage = "deepspeed.initialize"
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            ds = resolve_auto_buckets(ds, model)
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds,
                                                    model_parameters=model.parameters())
             net, module = engine, engine.module
@@ -719,6 +723,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="every variant steps AdamW inside backward (fewbit_dist.optim.OptimizerInBackward, single "
                         "process only); measures the second step, after one that allocated AdamW's state")
     p.add_argument("--trace", action="store_true", help="record where in the step each peak occurs")
+    p.add_argument("--zero3-config", default=None,
+                   help="the DeepSpeed config of the zero3 runs (default configs/ds/zero3.json)")
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads of a single process; each of N ranks gets threads // N (at least 1)")
     p.add_argument("--mmap-threshold", type=int, default=None,
@@ -815,6 +821,8 @@ def main(argv=None) -> None:
                     spec = dict(shape=shape, dtype=dtype, variant=variant, ckpt=ckpt, optimizer=optimizer,
                                 quick=args.quick, trace=args.trace, threads=threads, strategy=strategy,
                                 world_size=ws)
+                    if strategy == "zero3" and args.zero3_config:
+                        spec["zero3_config"] = str(Path(args.zero3_config).resolve())
                     where = f"{shape} {strategy} x{ws} {dtype} {ckpt:9s} {variant:10s}"
                     if args.search_batch:
                         searches.append(search_entry(spec, args, malloc_env, seq, where, t0))

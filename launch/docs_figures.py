@@ -19,6 +19,7 @@ marker in DOCS has a renderer (--check fails otherwise). The blocks and their re
 - tradeoff, tradeoff_figures: results/tradeoff.json (launch/bench_tradeoff.py), through bench_tradeoff.markdown;
 - linear, linear_figures, kernels, kernels_figures, quantize: results/results.jsonl (launch/bench_linear.py,
   launch/bench_kernels.py [--quantize]), the latest run of each command;
+- plan: results/plan/validation.json and projection.json (launch/bench_plan.py, whose markdown renders them);
 - demo (README): results/demo/results.json, the output of `python launch/demo.py` kept by --record-demo
   (the demo prints wall times, so running it at render time would never give the same text twice).
 
@@ -631,6 +632,13 @@ def demo_block(results: Path = RESULTS) -> str:
                       "The wall times depend on the machine and its load; the saved-activation figures do not.)"])
 
 
+def plan_block(results: Path = RESULTS) -> str:
+    """The planner against measured peaks and its projections (results/plan/, launch/bench_plan.py)."""
+    import bench_plan
+
+    return bench_plan.markdown(results)
+
+
 # ----------------------------------------------------------------------------------------------- render
 
 BLOCKS = {
@@ -639,7 +647,7 @@ BLOCKS = {
     "step": step_block, "quantize": quantize_block, "memory_headline": memory_headline_block,
     "memory": memory_block, "tradeoff": tradeoff_block, "tradeoff_figures": tradeoff_figures_block,
     "linear": linear_block, "linear_figures": linear_figures_block, "kernels": kernels_block,
-    "kernels_figures": kernels_figures_block, "presets": presets_block, "demo": demo_block,
+    "kernels_figures": kernels_figures_block, "presets": presets_block, "demo": demo_block, "plan": plan_block,
 }
 
 

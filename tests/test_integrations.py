@@ -85,3 +85,22 @@ def test_add_fewbit_arguments(tmp_path):
     parser = add_fewbit_arguments(argparse.ArgumentParser())
     assert parser.parse_args(["--fewbit-config", "a.json"]).fewbit_config == "a.json"
     assert parser.parse_args([]).fewbit_config is None
+
+
+def test_auto_zero_buckets_are_sized_from_the_hidden_size():
+    from fewbit_dist.integrations.deepspeed import resolve_auto_buckets
+
+    model = nn.Linear(2, 2)
+    model.config = type("Config", (), {"hidden_size": 576})()
+    ds = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                                "stage3_param_persistence_threshold": "auto"}, "steps_per_print": 10}
+    out = resolve_auto_buckets(ds, model)
+    assert out["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 576 * 576,
+                                        "stage3_prefetch_bucket_size": int(0.9 * 576 * 576),
+                                        "stage3_param_persistence_threshold": 5760}
+    assert ds["zero_optimization"]["reduce_bucket_size"] == "auto" and out["steps_per_print"] == 10  # a copy
+    assert resolve_auto_buckets({"zero_optimization": {"stage": 2}}, model) == {"zero_optimization": {"stage": 2}}
+    with pytest.raises(ValueError, match="zero_optimization.allgather_bucket_size is 'auto'"):
+        resolve_auto_buckets({"zero_optimization": {"allgather_bucket_size": "auto"}}, model)
+    with pytest.raises(ValueError, match="no config.hidden_size"):
+        resolve_auto_buckets(ds, nn.Linear(2, 2))

@@ -23,7 +23,18 @@ from torch import nn
 from ..config import ConfigLike
 from ..convert import convert
 
-__all__ = ["add_fewbit_arguments", "initialize"]
+__all__ = ["add_fewbit_arguments", "initialize", "resolve_auto_buckets", "AUTO_BUCKETS"]
+
+# ZeRO settings that scale with the model's width, written "auto" in a config and set from hidden_size h as
+# Hugging Face's Trainer sets them. DeepSpeed's own defaults (reduce_bucket_size 5e8 elements, prefetch 5e7) exceed
+# every gradient of a small or mid-size model: ZeRO-3 then holds all gradients unpartitioned until the end of
+# backward and reduces them through full-size buffers, which sets the step's peak (measured: results/peak,
+# FINDINGS.md).
+AUTO_BUCKETS = {
+    "reduce_bucket_size": lambda h: h * h,
+    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "stage3_param_persistence_threshold": lambda h: 10 * h,
+}
 
 
 def add_fewbit_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -34,10 +45,30 @@ def add_fewbit_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
+def resolve_auto_buckets(ds_config: dict, model: nn.Module) -> dict:
+    """A copy of `ds_config` whose zero_optimization values "auto" (AUTO_BUCKETS' keys) are set from the model's
+    hidden size (`model.config.hidden_size`); a ValueError names the key when the model has none."""
+    zero = ds_config.get("zero_optimization") or {}
+    auto = [k for k, v in zero.items() if v == "auto"]
+    if not auto:
+        return ds_config
+    unknown = [k for k in auto if k not in AUTO_BUCKETS]
+    if unknown:
+        raise ValueError(f"zero_optimization.{unknown[0]} is 'auto', which fewbit_dist sets only for "
+                         f"{', '.join(AUTO_BUCKETS)}; give it a number")
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not isinstance(hidden, int):
+        raise ValueError(f"zero_optimization.{auto[0]} is 'auto' but the model has no config.hidden_size to size it "
+                         "from; give it a number")
+    return {**ds_config, "zero_optimization": {**zero, **{k: AUTO_BUCKETS[k](hidden) for k in auto}}}
+
+
 def initialize(model: nn.Module, fewbit_config: ConfigLike = None, **deepspeed_kwargs):
     """`fewbit_dist.convert(model, fewbit_config)` then `deepspeed.initialize(model=model, **deepspeed_kwargs)`.
 
-    Returns what deepspeed.initialize returns. `fewbit_config=None` uses the defaults (3-bit activations).
+    A config dict passed as `config` may say "auto" for the ZeRO bucket sizes (AUTO_BUCKETS): they are set from
+    the model's hidden size first. Returns what deepspeed.initialize returns. `fewbit_config=None` uses the
+    defaults (3-bit activations).
     """
     try:
         import deepspeed
@@ -46,5 +77,7 @@ def initialize(model: nn.Module, fewbit_config: ConfigLike = None, **deepspeed_k
                           "pip install --no-build-isolation deepspeed") from exc
     if "model" in deepspeed_kwargs:
         raise TypeError("pass the model as the first argument, not in deepspeed_kwargs")
+    if isinstance(deepspeed_kwargs.get("config"), dict):
+        deepspeed_kwargs["config"] = resolve_auto_buckets(deepspeed_kwargs["config"], model)
     model = convert(model, fewbit_config)
     return deepspeed.initialize(model=model, **deepspeed_kwargs)

@@ -1,0 +1,189 @@
+"""The memory planner (fewbit_dist.plan) against measured peaks, and its projections at GPU scale.
+
+    python launch/bench_plan.py validate     # every mmap-threshold run under results/peak: predicted vs measured
+    python launch/bench_plan.py project      # Llama-3-8B (FSDP2) and Qwen2.5-7B (ZeRO-3) on 8 x 80 GB, per preset
+    python launch/bench_plan.py              # both
+
+validate: each row of results/peak/*/results.json measured with MALLOC_MMAP_THRESHOLD_=65536 (freed tensors go back to
+the OS, so the resident set follows the live tensors; runs with glibc's default threshold measure the allocator
+as well and are left out) and without the optimizer stepped inside backward (the planner models the plain
+loop) is planned at the same model shape, batch, dtype, checkpointing, strategy and world size, with no optimizer
+step (the runs measure forward and backward of the first step). The planner's figure is the step's peak above its
+start (`Plan.peak_above_start`), the same quantity the runs measure; saved-activation bytes are compared too.
+Output: results/plan/validation.json.
+
+project: labelled projections, not measurements: Llama-3-8B, bf16 autocast (fp32 master weights), AdamW, HF
+checkpointing, FSDP2 on 8 ranks of 80 GiB: the peak at batch 1 and 8 x 4096 tokens and the longest sequence per
+preset at batch 1 and 8; the same for Qwen2.5-7B under ZeRO-3. Output: results/plan/projection.json.
+
+`markdown(results_dir)` renders both for BENCHMARKS.md (launch/docs_figures.py's block "plan").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "launch"))
+
+MIB = 2**20
+GIB = 2**30
+OUT = ROOT / "results" / "plan"
+PROJECTIONS = (
+    dict(model="llama-3-8b", strategy="fsdp2", world_size=8),
+    dict(model="qwen2.5-7b", strategy="zero3", world_size=8),
+)
+PROJECTION_MEMORY = "80GiB"
+PROJECTION_PRESETS = ("vanilla", "exact", "safe", "max-saving")
+
+
+def _machine() -> dict:
+    from benchlib import machine_info
+
+    return machine_info("cpu")
+
+
+def _peak_shape(run_meta: dict, row: dict):
+    """The transformers config, batch and sequence of a bench_peak row (its SHAPES entry)."""
+    import transformers
+    from bench_peak import QUICK, QUICK_SEQ, SHAPES
+
+    shape = SHAPES[row["shape"]]
+    cfg = dict(shape["config"], **(QUICK if row.get("quick") else {}))
+    cls = transformers.LlamaConfig if shape["family"] == "llama" else transformers.RobertaConfig
+    seq = QUICK_SEQ if row.get("quick") else shape["seq"]
+    return cls(**cfg), row.get("batch") or shape["batch"], seq
+
+
+def validate(out_dir: Path = OUT, runs_root: Path = ROOT / "results" / "peak") -> dict:
+    from fewbit_dist.plan import PlanSpec, plan
+
+    rows, skipped = [], []
+    for path in sorted(runs_root.glob("*/results.json")):
+        data = json.loads(path.read_text())
+        meta = data.get("meta", {})
+        malloc = (meta.get("malloc_env") or {}).get("MALLOC_MMAP_THRESHOLD_")
+        run = path.parent.name
+        if str(malloc) != "65536":
+            skipped.append(f"{run}: glibc's default malloc threshold")
+            continue
+        for r in data.get("rows", []):
+            if "peak_mib" not in r:
+                continue
+            if r.get("optimizer"):
+                skipped.append(f"{run}: optimizer {r['optimizer']!r} rows (the planner models the plain loop)")
+                break
+            config, batch, seq = _peak_shape(meta, r)
+            spec = PlanSpec(model=config, batch=batch, seq=seq, dtype="fp32" if r["dtype"] == "fp32" else
+                            "bf16-autocast", optimizer="none", checkpointing=r["ckpt"],
+                            strategy=r.get("strategy", "single"), world_size=r.get("world_size", 1))
+            t0 = time.perf_counter()
+            p = plan(spec, r["variant"], full_depth=True)
+            rows.append(dict(run=run, git=meta.get("machine", {}).get("git"), shape=r["shape"], dtype=r["dtype"],
+                             strategy=spec.strategy, world_size=spec.world_size, ckpt=r["ckpt"],
+                             variant=r["variant"], measured_mib=round(r["peak_mib"], 1),
+                             predicted_mib=round(p.peak_above_start / MIB, 1),
+                             ratio=round(p.peak_above_start / MIB / r["peak_mib"], 3),
+                             saved_measured_mib=round(r["saved_mib"], 2),
+                             saved_predicted_mib=round(p.saved_activations / MIB, 2),
+                             plan_s=round(time.perf_counter() - t0, 2)))
+            print(f"{run} {spec.strategy} x{spec.world_size} {r['ckpt']:<9} {r['variant']:<10} measured "
+                  f"{r['peak_mib']:7.1f} predicted {p.peak_above_start / MIB:7.1f} MiB", flush=True)
+    result = {"meta": {"command": "python launch/bench_plan.py validate", "machine": _machine(),
+                       "skipped": sorted(set(skipped))}, "rows": rows}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "validation.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def project(out_dir: Path = OUT) -> dict:
+    from fewbit_dist.plan import PlanSpec, fit, parse_memory, plan
+
+    memory = parse_memory(PROJECTION_MEMORY)
+    rows = []
+    for setting in PROJECTIONS:
+        for batch in (1, 8):
+            spec = PlanSpec(model=setting["model"], batch=batch, seq=4096, dtype="bf16-autocast", optimizer="adamw",
+                            checkpointing="hf", strategy=setting["strategy"], world_size=setting["world_size"])
+            for preset in PROJECTION_PRESETS:
+                t0 = time.perf_counter()
+                p = plan(spec, preset)
+                longest = fit(replace(spec, seq=4096), preset, memory, "seq")
+                rows.append(dict(model=setting["model"], strategy=spec.strategy, world_size=spec.world_size,
+                                 batch=batch, preset=preset, peak_4096_gib=round(p.peak / GIB, 2),
+                                 peak_phase=p.peak_phase, max_seq=longest["value"],
+                                 params_gib=round(p.params / GIB, 2), grads_gib=round(p.grads / GIB, 2),
+                                 optimizer_gib=round(p.optimizer_state / GIB, 2),
+                                 saved_gib=round(p.saved_activations / GIB, 2),
+                                 framework_gib=round(p.framework_extra / GIB, 2),
+                                 plan_s=round(time.perf_counter() - t0, 1)))
+                print(f"{setting['model']} {spec.strategy} x{spec.world_size} batch {batch} {preset:<10} peak at "
+                      f"4096 {p.peak / GIB:6.2f} GiB, longest sequence in {PROJECTION_MEMORY}: {longest['value']}",
+                      flush=True)
+    result = {"meta": {"command": "python launch/bench_plan.py project", "memory": PROJECTION_MEMORY,
+                       "dtype": "bf16-autocast (fp32 weights, gradients and AdamW state; bf16 compute)",
+                       "checkpointing": "hf (non-reentrant, every block)", "machine": _machine()}, "rows": rows}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "projection.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def markdown(results: Path) -> str:
+    """BENCHMARKS.md's block: the validation table and the projections."""
+    out = []
+    val = results / "plan" / "validation.json"
+    if val.is_file():
+        data = json.loads(val.read_text())
+        rows = data["rows"]
+        ratios = [r["ratio"] for r in rows]
+        out += ["**Predicted against measured** (`python launch/bench_plan.py validate`): peak RSS of one step above "
+                "its start, MiB, runs with `MALLOC_MMAP_THRESHOLD_=65536`; the planner traced each row's shape "
+                "under FakeTensorMode. "
+                + (f"Predicted / measured: {min(ratios):.2f} to {max(ratios):.2f} over {len(rows)} rows."
+                   if rows else "No rows."), "",
+                "| run (git) | strategy | checkpointing | variant | measured | predicted | ratio | saved measured "
+                "| saved predicted |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            out.append(f"| {r['run']} ({r['git']}) | {r['strategy']} x{r['world_size']} | {r['ckpt']} | "
+                       f"{r['variant']} | {r['measured_mib']:.0f} | {r['predicted_mib']:.0f} | {r['ratio']:.2f} | "
+                       f"{r['saved_measured_mib']:.1f} | {r['saved_predicted_mib']:.1f} |")
+        if data["meta"].get("skipped"):
+            out += ["", "Left out: " + "; ".join(data["meta"]["skipped"]) + "."]
+    proj = results / "plan" / "projection.json"
+    if proj.is_file():
+        data = json.loads(proj.read_text())
+        meta = data["meta"]
+        out += ["", f"**Projection, not a measurement** (`python launch/bench_plan.py project`): per rank, "
+                f"{meta['dtype']}, AdamW, checkpointing {meta['checkpointing']}, {meta['memory']} per rank; the "
+                "longest sequence is a multiple of 128 whose predicted peak fits.", "",
+                "| model | strategy | batch | preset | peak at 4096 tokens, GiB | phase | longest sequence | "
+                "params | grads | optimizer | saved | framework |",
+                "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for r in data["rows"]:
+            out.append(f"| {r['model']} | {r['strategy']} x{r['world_size']} | {r['batch']} | {r['preset']} | "
+                       f"{r['peak_4096_gib']:.2f} | {r['peak_phase']} | {r['max_seq']} | {r['params_gib']:.2f} | "
+                       f"{r['grads_gib']:.2f} | {r['optimizer_gib']:.2f} | {r['saved_gib']:.2f} | "
+                       f"{r['framework_gib']:.2f} |")
+    return "\n".join(out) if out else "_No planner results yet: run `python launch/bench_plan.py`._"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", nargs="?", default="all", choices=("all", "validate", "project"))
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    if args.what in ("all", "validate"):
+        validate(args.out)
+    if args.what in ("all", "project"):
+        project(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
