@@ -213,6 +213,11 @@ class _KindMeter(SavedTensorMeter):
             h.remove()
 
 
+class _NoHandle:
+    def remove(self) -> None:
+        pass
+
+
 def _timeline_tracker():
     """A MemTracker that records, after every op, the live bytes by kind and the phase (its own per-module peak
     bookkeeping, which costs a pass over every module per op, is skipped)."""
@@ -233,6 +238,14 @@ def _timeline_tracker():
             self.samples.append((phase, snap[_MemRefType.PARAM], snap[_MemRefType.GRAD], snap[_MemRefType.OPT], act))
             if self._peak_mem.get(torch.device("cpu"), 0) < snap[_TOTAL_KEY]:
                 self._peak_mem[torch.device("cpu")] = snap[_TOTAL_KEY]
+
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            # MemTracker hooks every parameter's gradient; a frozen one (LoRA's base) cannot take a hook and
+            # never has a gradient: mark it hooked already.
+            for param in module.parameters():
+                if not param.requires_grad and self._param_to_grad_hook_handles.get(param, None) is None:
+                    self._param_to_grad_hook_handles[param] = (_NoHandle(), _NoHandle())
+            return super()._track_module_params_and_buffers(module, install_grad_hooks)
 
         def mark(self, phase: str) -> None:
             """A sample of the current state (at a phase boundary, when no op may have run)."""
@@ -273,6 +286,23 @@ def _blocks(model: nn.Module) -> tuple:
     return classes
 
 
+def _meta_to_fake(model: nn.Module) -> None:
+    """Every meta parameter and buffer of `model` replaced by a new CPU tensor of its shape, fake under the active
+    FakeTensorMode; a tensor shared by several modules (tied weights) stays shared. Unlike Module.to_empty, no
+    tensor is swapped in place (fake tensors cannot be)."""
+    new: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is None or t.device.type != "meta":
+                    continue
+                if id(t) not in new:
+                    data = torch.empty_like(t, device="cpu")
+                    new[id(t)] = nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
+                        else data
+                store[name] = new[id(t)]
+
+
 def _build(config, spec: PlanSpec, preset: Optional[str]):
     """The model, converted with `preset` (None or 'vanilla': unconverted), LoRA and checkpointing as spec says.
     Runs under an active FakeTensorMode."""
@@ -285,17 +315,23 @@ def _build(config, spec: PlanSpec, preset: Optional[str]):
                                                                          "gemma2", "phi3", "qwen3")
     cls = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     dtype = torch.bfloat16 if spec.dtype == "bf16" else torch.float32
-    model = cls.from_config(config, dtype=dtype)
-    model.train()
-    if spec.lora:
+    if not spec.lora:
+        model = cls.from_config(config, dtype=dtype)
+    else:
         from peft import LoraConfig, get_peft_model
 
-        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)
-                          and n.rsplit(".", 1)[-1] not in ("lm_head", "classifier", "dense", "out_proj", "score")}
-                         ) or None
-        lora = LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, lora_dropout=0.1, target_modules=targets,
-                          task_type="CAUSAL_LM" if causal else "SEQ_CLS")
-        model = get_peft_model(model, lora)
+        # peft moves adapter weights with Module._apply, which cannot swap fake tensors: build on the meta device,
+        # then give every tensor fake CPU storage.
+        with torch.device("meta"):
+            model = cls.from_config(config, dtype=dtype)
+            targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)
+                              and n.rsplit(".", 1)[-1] not in ("lm_head", "classifier", "dense", "out_proj",
+                                                               "score")}) or None
+            lora = LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, lora_dropout=0.1,
+                              target_modules=targets, task_type="CAUSAL_LM" if causal else "SEQ_CLS")
+            model = get_peft_model(model, lora)
+        _meta_to_fake(model)
+    model.train()
     if preset not in (None, "vanilla"):
         convert(model, preset)
     if spec.checkpointing != "none":
@@ -500,47 +536,55 @@ def plan(spec: PlanSpec, preset: str = "vanilla", full_depth: bool = False) -> P
 
 
 def fit(spec: PlanSpec, preset: str, memory: int, what: str = "seq", limit: int = 1 << 20,
-        full_depth: bool = False) -> dict:
-    """The largest `what` ('seq' or 'batch') whose predicted peak fits `memory` bytes per rank: doubling from
-    spec's value (or halving down to 1), then bisection; seq stays a multiple of 128. Returns the answer (0 when
-    even 1 does not fit; for seq, the smallest probed) and every probe."""
+        full_depth: bool = False, granularity: Optional[int] = None) -> dict:
+    """The largest `what` ('seq' or 'batch') whose predicted peak fits `memory` bytes per rank, a multiple of
+    `granularity` (default: 128 tokens, 1 sample) up to `limit`. Each probe is a plan; the peak grows almost
+    linearly in tokens, so the next probe is interpolated between the largest size known to fit and the
+    smallest known not to (extrapolated, at least doubling, until one does not), which takes a few probes.
+    Returns the answer (0 when not even one granule fits) and every probe."""
     check_choice(what, "what", ("seq", "batch"))
-    step = 128 if what == "seq" else 1
-    probes = {}
+    step = granularity or (128 if what == "seq" else 1)
+    probes: dict[int, int] = {}
 
     def peak(n: int) -> int:
         if n not in probes:
             probes[n] = plan(replace(spec, **{what: n}), preset, full_depth).peak
         return probes[n]
 
-    lo, hi = 0, None
-    n = max(step, getattr(spec, what) // step * step)
-    while n <= limit:
+    def done(answer: int) -> dict:
+        return {"what": what, "value": answer, "memory": memory, "probes": {k: probes[k] for k in sorted(probes)}}
+
+    if peak(step) > memory:
+        return done(0)
+    lo, hi = step, None  # lo fits; hi (when known) does not
+    n = max(2 * step, getattr(spec, what) // step * step)
+    while hi is None or hi - lo > step:
+        if n <= lo or (hi is not None and n >= hi):
+            n = (lo + hi) // 2 // step * step if hi is not None else 2 * lo
+        if n > limit:
+            if peak(limit // step * step) <= memory:
+                return done(limit // step * step)
+            n, hi = (lo + limit) // 2 // step * step, limit // step * step
+            continue
         if peak(n) <= memory:
-            lo, n = n, n * 2
+            lo = n
         else:
             hi = n
-            break
-    if lo == 0:  # the starting point does not fit: go down
-        n = hi
-        while n > step:
-            n = max(step, n // 2 // step * step)
-            if peak(n) <= memory:
-                lo = n
-                break
-            hi = n
-        if lo == 0:
-            return {"what": what, "value": 0, "memory": memory, "probes": probes}
-    hi = hi if hi is not None else limit + step
-    while hi - lo > step:
-        mid = (lo + hi) // 2 // step * step
-        if mid <= lo:
-            break
-        if peak(mid) <= memory:
-            lo = mid
-        else:
-            hi = mid
-    return {"what": what, "value": lo, "memory": memory, "probes": {k: probes[k] for k in sorted(probes)}}
+        # interpolate (or extrapolate from the two largest fitting probes) where the peak meets the memory
+        below = sorted(k for k in probes if probes[k] <= memory)
+        a = below[-2] if hi is None and len(below) > 1 else lo
+        b = hi if hi is not None else below[-1]
+        if a == b:
+            n = 2 * lo
+            continue
+        slope = (probes[b] - probes[a]) / (b - a)
+        guess = a + (memory - probes[a]) / slope if slope > 0 else 2 * lo
+        n = int(guess) // step * step
+        if hi is None:
+            n = max(n, lo + step)
+        elif n == lo:  # the interpolation lands on lo: test one granule up
+            n = lo + step
+    return done(lo)
 
 
 def quality_order(presets: Sequence[str]) -> list[str]:

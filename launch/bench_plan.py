@@ -14,7 +14,8 @@ Output: results/plan/validation.json.
 
 project: labelled projections, not measurements: Llama-3-8B, bf16 autocast (fp32 master weights), AdamW, HF
 checkpointing, FSDP2 on 8 ranks of 80 GiB: the peak at batch 1 and 8 x 4096 tokens and the longest sequence per
-preset at batch 1 and 8; the same for Qwen2.5-7B under ZeRO-3. Output: results/plan/projection.json.
+preset at batch 1 and 8 (multiples of 1024 tokens); the same for Qwen2.5-7B under ZeRO-3.
+Output: results/plan/projection.json.
 
 `markdown(results_dir)` renders both for BENCHMARKS.md (launch/docs_figures.py's block "plan").
 """
@@ -25,7 +26,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def project(out_dir: Path = OUT) -> dict:
             for preset in PROJECTION_PRESETS:
                 t0 = time.perf_counter()
                 p = plan(spec, preset)
-                longest = fit(replace(spec, seq=4096), preset, memory, "seq")
+                longest = fit(spec, preset, memory, "seq", granularity=1024)
                 rows.append(dict(model=setting["model"], strategy=spec.strategy, world_size=spec.world_size,
                                  batch=batch, preset=preset, peak_4096_gib=round(p.peak / GIB, 2),
                                  peak_phase=p.peak_phase, max_seq=longest["value"],
@@ -161,7 +161,8 @@ def markdown(results: Path) -> str:
         meta = data["meta"]
         out += ["", f"**Projection, not a measurement** (`python launch/bench_plan.py project`): per rank, "
                 f"{meta['dtype']}, AdamW, checkpointing {meta['checkpointing']}, {meta['memory']} per rank; the "
-                "longest sequence is a multiple of 128 whose predicted peak fits.", "",
+                "longest sequence is the largest multiple of 1024 tokens whose predicted peak fits (not capped at "
+                "the model's trained context).", "",
                 "| model | strategy | batch | preset | peak at 4096 tokens, GiB | phase | longest sequence | "
                 "params | grads | optimizer | saved | framework |",
                 "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]

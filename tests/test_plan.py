@@ -38,6 +38,13 @@ def _real_saved_bytes(config, preset: str, spec: P.PlanSpec) -> int:
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     model.train()
+    if spec.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, lora_dropout=0.1,
+                                                 target_modules=["down_proj", "gate_proj", "k_proj", "o_proj",
+                                                                 "q_proj", "up_proj", "v_proj"],
+                                                 task_type="CAUSAL_LM"))
     if preset != "vanilla":
         fewbit_dist.convert(model, preset)
     if spec.checkpointing == "hf":
@@ -59,6 +66,18 @@ def test_traced_saved_bytes_equal_a_real_run_for_every_preset(family, ckpt):
         assert sum(traced.saved_by_kind.values()) == traced.saved_bytes
     if ckpt == "hf":  # what the checkpointed blocks keep is their inputs: batch x seq x hidden each
         assert traced.saved_by_kind["checkpoint boundaries"] == 2 * 2 * 32 * 64 * 4
+
+
+def test_lora_traced_saved_bytes_equal_a_real_run():
+    pytest.importorskip("peft")
+    config = _config("llama")
+    spec = P.PlanSpec(model=config, batch=2, seq=32, dtype="fp32", optimizer="adamw", checkpointing="none", lora=True,
+                      lora_rank=4)
+    for preset in ("vanilla", "max-saving"):
+        traced = P.trace(spec, preset)
+        assert traced.saved_bytes == _real_saved_bytes(config, preset, spec), preset
+        assert traced.trainable_bytes < traced.param_bytes / 4  # adapters only
+        assert traced.end[2] == 2 * traced.trainable_bytes + 4 * 28  # AdamW: adapters only (A and B, 7 x 2 blocks)
 
 
 def test_the_meter_counts_fake_and_meta_tensors():
@@ -114,6 +133,7 @@ def test_fit_finds_the_longest_sequence_within_the_memory():
     found = P.fit(spec, "vanilla", budget, "seq")
     assert found["value"] % 128 == 0 and 0 < found["value"] <= 1000
     assert found["probes"][found["value"]] <= budget
+    assert len(found["probes"]) <= 6  # interpolated, not bisected: the peak is nearly linear in tokens
     assert P.plan(replace(spec, seq=found["value"] + 128), "vanilla").peak > budget
     assert P.fit(spec, "vanilla", 1, "seq")["value"] == 0  # nothing fits one byte
 
