@@ -24,8 +24,8 @@ even in fp32) and its reduce bucket, allocated whole, with the bucket sizes of c
 hidden_size^2 elements, prefetch 0.9 hidden_size^2, as Hugging Face's Trainer sets them; DeepSpeed's own defaults,
 5e8 and 5e7 elements, hold every gradient of a model below 500M parameters unpartitioned, see
 fewbit_dist.integrations.deepspeed.AUTO_BUCKETS) and ZeRO-3's prefetched parameters; FSDP2's root unit (what lies
-outside the blocks, unsharded from its forward to its backward) and the block in use and the one prefetched, and in
-backward the root's and one block's unsharded gradients before reduce-scatter. What the trace cannot see is listed
+outside the blocks, unsharded from its forward to its backward), one gathered block in forward and two in backward
+(the one in use and the one prefetched). What the trace cannot see is listed
 with every plan (`Plan.unseen`): CUDA kernel workspaces and library handles, the caching allocator's fragmentation
 and rounding, NCCL buffers, the CUDA context.
 """
@@ -437,11 +437,12 @@ def _strategy_scale(spec: PlanSpec, t: Trace) -> _Scale:
         gathered = min(prefetch * elem + t.block_param_bytes, t.param_bytes)
         return _Scale(1 / w, 1 / w, 1 / w, extra_always=master + bucket, extra_fwd=gathered)
     # FSDP2: the root unit (what lies outside the blocks) stays unsharded from its forward to its backward
-    # (reshard_after_forward=False for the root), plus the block in use and the one prefetched; in backward,
-    # the unsharded gradients of the root and of one block wait for their reduce-scatter.
-    gathered = t.root_param_bytes + 2 * t.block_param_bytes
-    return _Scale(1 / w, 1 / w, 1 / w, extra_fwd=gathered,
-                  extra_bwd=t.root_trainable_bytes + t.block_trainable_bytes)
+    # (reshard_after_forward=False for the root); in forward one block is gathered at a time (no forward
+    # prefetch unless set_modules_to_forward_prefetch asks for it), in backward the block in use and the one
+    # prefetched. A block's gradients are reduce-scattered as soon as its backward ends, so they count as the
+    # trace's gradients divided by the world size.
+    return _Scale(1 / w, 1 / w, 1 / w, extra_fwd=t.root_param_bytes + t.block_param_bytes,
+                  extra_bwd=t.block_param_bytes)
 
 
 def _phase_peaks(spec: PlanSpec, t: Trace) -> dict:

@@ -41,6 +41,7 @@ PROJECTIONS = (
 )
 PROJECTION_MEMORY = "80GiB"
 PROJECTION_PRESETS = ("vanilla", "exact", "safe", "max-saving")
+SEQ_LIMIT = 1 << 17  # the longest sequence searched: 131072 tokens
 
 
 def _machine() -> dict:
@@ -114,7 +115,7 @@ def project(out_dir: Path = OUT) -> dict:
             for preset in PROJECTION_PRESETS:
                 t0 = time.perf_counter()
                 p = plan(spec, preset)
-                longest = fit(spec, preset, memory, "seq", granularity=1024)
+                longest = fit(spec, preset, memory, "seq", limit=SEQ_LIMIT, granularity=1024)
                 rows.append(dict(model=setting["model"], strategy=spec.strategy, world_size=spec.world_size,
                                  batch=batch, preset=preset, peak_4096_gib=round(p.peak / GIB, 2),
                                  peak_phase=p.peak_phase, max_seq=longest["value"],
@@ -161,8 +162,8 @@ def markdown(results: Path) -> str:
         meta = data["meta"]
         out += ["", f"**Projection, not a measurement** (`python launch/bench_plan.py project`): per rank, "
                 f"{meta['dtype']}, AdamW, checkpointing {meta['checkpointing']}, {meta['memory']} per rank; the "
-                "longest sequence is the largest multiple of 1024 tokens whose predicted peak fits (not capped at "
-                "the model's trained context).", "",
+                "longest sequence is the largest multiple of 1024 tokens whose predicted peak fits, searched up to "
+                f"{SEQ_LIMIT} tokens (not capped at the model's trained context).", "",
                 "| model | strategy | batch | preset | peak at 4096 tokens, GiB | phase | longest sequence | "
                 "params | grads | optimizer | saved | framework |",
                 "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
