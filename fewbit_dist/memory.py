@@ -82,7 +82,7 @@ class SavedTensorMeter:
     """
 
     def __init__(self, exclude: Union[nn.Module, torch.Tensor, Iterable, None] = None):
-        self._exclude_keys = set()
+        self._exclude_keys: dict = {}
         for item in _flatten(exclude):
             if isinstance(item, nn.Module):
                 for p in item.parameters():
@@ -100,7 +100,10 @@ class SavedTensorMeter:
         if hasattr(t, "to_local"):  # a sharded DTensor (FSDP2): its local shard holds the storage
             t = t.to_local()
         try:
-            self._exclude_keys.add(_storage_key(t))
+            # Keyed by the storage's identity, so the storage is held while the meter lives: a wrapper that
+            # replaces its parameters' storages during the forward (ZeRO-3 swaps placeholders for gathered
+            # tensors) would otherwise free it, and a saved activation's storage could reuse its address.
+            self._exclude_keys[_storage_key(t)] = t.untyped_storage()
         except RuntimeError:  # a storage already freed or resized away (sharded, offloaded): nothing to count
             pass
 

@@ -447,6 +447,10 @@ def main(argv=None) -> int:
         # Load the native CPU kernels in every run, vanilla included, so that peak RSS compares like with like
         # (their import costs a few tens of MiB of resident memory, which would otherwise count as a variant's).
         fewbit_dist.ops.native.native_module("cpu")
+        if info.rank == 0 and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+            print("note: MALLOC_MMAP_THRESHOLD_ is unset, so glibc keeps freed blocks of up to 32 MiB in its heap and "
+                  "the peak RSS reported counts them; set MALLOC_MMAP_THRESHOLD_=65536 (scripts/run.sh does) for "
+                  "peaks that follow the live tensors", flush=True)
     ds_config = None
     if args.deepspeed_config:
         try:

@@ -164,3 +164,16 @@ def test_peak_meter_reads_the_status_file(monkeypatch, tmp_path):
     with pytest.raises(PeakMemoryUnavailable, match="no VmHWM"):
         with PeakMemory():
             pass
+
+
+def test_excluded_storages_are_held_so_their_identity_is_not_reused():
+    """A wrapper that swaps a parameter's storage during the forward (ZeRO-3 replaces its placeholder with the
+    gathered tensor) frees the storage the meter excluded; a new activation must not inherit its identity."""
+    from fewbit_dist.memory import SavedTensorMeter
+
+    lin = torch.nn.Linear(8, 8)
+    with SavedTensorMeter(lin) as meter:
+        for _ in range(20):  # every forward frees the old placeholder and allocates new tensors
+            lin.weight.data = torch.randn(8, 8)
+            torch.nn.functional.gelu(lin(torch.randn(4, 8, requires_grad=True)))
+    assert meter.nbytes == 20 * (4 * 8 * 4 + 4 * 8 * 4)  # each forward: the linear's input and the GELU's input
