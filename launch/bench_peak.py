@@ -3,6 +3,7 @@
     python launch/bench_peak.py                      # SmolLM2 shape, fp32 and bf16 autocast, 3 repeats
     python launch/bench_peak.py --quick              # a fast check (2 layers, 128 tokens, fp32, 1 repeat)
     python launch/bench_peak.py --roberta            # the RoBERTa-base shape (sequence classification, 4 x 128)
+    python launch/bench_peak.py --shape smollm2-4k   # the real vocabulary (49152, tied), 8 layers, 1 x 4096 tokens
     python launch/bench_peak.py --optimizer --trace  # include the AdamW step; locate each peak
     python launch/bench_peak.py --optimizer-in-backward   # AdamW stepped inside backward, the second step
     python launch/bench_peak.py --strategies zero3,fsdp2 --world-size 2   # per rank, 2 ranks over gloo
@@ -97,6 +98,11 @@ SHAPES = {
     "smollm2": dict(family="llama", batch=4, seq=512, config=dict(
         vocab_size=8192, hidden_size=576, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=9,
         num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=False)),
+    # The real SmolLM2-135M configuration (vocabulary 49152, tied embeddings) at one 4096-token sequence, with 8 of
+    # its 30 layers (CPU time): the long-context shape, where the logits and the checkpoint boundaries weigh.
+    "smollm2-4k": dict(family="llama", batch=1, seq=4096, config=dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True)),
     "roberta-base": dict(family="roberta", batch=4, seq=128, config=dict(
         vocab_size=50265, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
         max_position_embeddings=514, type_vocab_size=1, num_labels=2)),
@@ -712,6 +718,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true", help="2 layers, 128 tokens, fp32 only, 1 repeat")
     p.add_argument("--roberta", action="store_true", help="the RoBERTa-base shape instead of SmolLM2's")
+    p.add_argument("--shape", default="smollm2", choices=[k for k in SHAPES if k != "roberta-base"],
+                   help="smollm2: 8 layers, vocabulary 8192, 4 x 512 tokens; smollm2-4k: the real vocabulary "
+                        "(49152, tied), 8 layers, 1 x 4096 tokens")
     p.add_argument("--strategies", default="single", help=f"comma list of {', '.join(STRATEGIES)} (default single)")
     p.add_argument("--world-size", type=int, default=2, help="ranks of the zero3 and fsdp2 runs (single: 1)")
     p.add_argument("--dtypes", default=None, help="comma list of fp32, bf16 (default: both; --quick: fp32)")
@@ -805,7 +814,7 @@ def main(argv=None) -> None:
 
     from benchlib import machine_info
 
-    shape = "roberta-base" if args.roberta else "smollm2"
+    shape = "roberta-base" if args.roberta else args.shape
     variants = ["vanilla"] + args.presets
     repeats = args.repeats or (1 if args.quick else 3)
     malloc_env = {} if args.mmap_threshold is None else {"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)}

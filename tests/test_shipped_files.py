@@ -238,6 +238,18 @@ def synthetic_results(root: Path) -> Path:
     _write(root / "demo" / "results.json", {"command": "python launch/demo.py", "machine": {"cpu": "c"},
                                             "stdout": "line one 49.13 MiB\n[2021-01-01 00:00:00,000] [WARNING] "
                                                       "[x.py:1:f] noise\nline two\n"})
+    # launch/bench_plan.py: one validated row, one projected row
+    _write(root / "plan" / "validation.json", {"meta": {"skipped": ["old-run: glibc's default malloc threshold"]},
+                                               "rows": [dict(run="r", git="abc", strategy="zero3", world_size=2,
+                                                             ckpt="hf", variant="exact", measured_mib=200.0,
+                                                             predicted_mib=210.0, ratio=1.05, saved_measured_mib=40.0,
+                                                             saved_predicted_mib=40.0)]})
+    _write(root / "plan" / "projection.json", {"meta": {"dtype": "bf16-autocast", "checkpointing": "hf",
+                                                        "memory": "80GiB"},
+                                               "rows": [dict(model="m", strategy="fsdp2", world_size=8, batch=1,
+                                                             preset="max-saving", peak_4096_gib=20.0, peak_phase="bwd",
+                                                             max_seq=65536, params_gib=1.0, grads_gib=1.0,
+                                                             optimizer_gib=2.0, saved_gib=3.0, framework_gib=4.0)]})
     return root
 
 
@@ -278,6 +290,9 @@ EXPECTED = {
     "kernels_figures": (["float32, native / torch, 1-3 bits: GELU backward 0.80x, fwd+bwd 1.05x"], []),
     "quantize": (["| 8192 x 1024 | 4 | float32 | 300.0 | 30.0 | 0.100 [0.090, 0.110] | 12.00 |"], []),
     "demo": (["$ python launch/demo.py\nline one 49.13 MiB\nline two\n```"], ["noise"]),
+    "plan": (["Predicted / measured: 1.05 to 1.05 over 1 rows.", "| r (abc) | zero3 x2 | hf | exact | 200 | 210 | 1.05 |",
+              "Left out: old-run: glibc's default malloc threshold.",
+              "| m | fsdp2 x8 | 1 | max-saving | 20.00 | bwd | 65536 | 1.00 | 1.00 | 2.00 | 3.00 | 4.00 |"], []),
 }
 
 
