@@ -605,9 +605,11 @@ def quality_order(presets: Sequence[str]) -> list[str]:
 
 
 def plan_presets(spec: PlanSpec, presets: Sequence[str], memory: Optional[int] = None,
-                 full_depth: bool = False) -> dict:
-    """Plans for every preset; with `memory`, each plan's `fit` (longest seq and largest batch within it) and the
-    least lossy preset whose peak at spec's shape fits."""
+                 full_depth: bool = False, max_seq: Optional[int] = None, max_batch: int = 256) -> dict:
+    """Plans for every preset; with `memory`, each plan's `fit` (the longest seq, up to `max_seq`, default the
+    config's max_position_embeddings, and the largest batch, up to `max_batch`, that fit it; `fit["capped"]`
+    names the searches that still fitted at their cap) and the least lossy preset whose peak at spec's shape
+    fits."""
     from .presets import list_presets
 
     known = ["vanilla"] + list_presets()
@@ -617,9 +619,14 @@ def plan_presets(spec: PlanSpec, presets: Sequence[str], memory: Optional[int] =
     plans = [plan(spec, name, full_depth) for name in presets]
     out = {"spec": plans[0].spec if plans else asdict(spec), "plans": plans, "memory": memory, "choice": None}
     if memory is not None:
+        if max_seq is None:
+            max_seq = getattr(load_model_config(spec.model), "max_position_embeddings", None) or 1 << 20
+        limits = {"seq": max_seq, "batch": max_batch}
         for p in plans:
-            p.fit = {"seq": fit(spec, p.preset, memory, "seq", full_depth=full_depth)["value"],
-                     "batch": fit(spec, p.preset, memory, "batch", full_depth=full_depth)["value"]}
+            p.fit = {what: fit(spec, p.preset, memory, what, limit=limits[what], full_depth=full_depth)["value"]
+                     for what in ("seq", "batch")}
+            granule = {"seq": 128, "batch": 1}
+            p.fit["capped"] = [what for what in ("seq", "batch") if p.fit[what] + granule[what] > limits[what]]
         fitting = [p.preset for p in plans if p.peak <= memory]
         ordered = quality_order(fitting)
         out["choice"] = ordered[0] if ordered else None
@@ -647,8 +654,9 @@ def render(result: dict) -> str:
     if result["memory"] is not None:
         head += ["fits", "max seq", "max batch"]
         for row, p in zip(rows, plans):
-            row += ["yes" if p.peak <= result["memory"] else "no", str(p.fit.get("seq", "")), str(p.fit.get("batch",
-                                                                                                         ""))]
+            capped = p.fit.get("capped", [])
+            row += ["yes" if p.peak <= result["memory"] else "no"] + [
+                f"{p.fit.get(what, '')}{'+' if what in capped else ''}" for what in ("seq", "batch")]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
 
     def fmt(cells):
@@ -661,7 +669,9 @@ def render(result: dict) -> str:
         for p in plans:
             lines.append(f"  {p.preset:<14}" + "  ".join(f"{k} {_gib(p.saved_by_kind.get(k, 0))}" for k in kinds))
     if result["memory"] is not None:
-        lines += ["", f"memory per rank {format_bytes(result['memory'])}: "
+        lines += ["", "max seq: up to the model's max_position_embeddings (--max-seq to search further), max "
+                  "batch: up to --max-batch; N+ still fits at that cap"]
+        lines += [f"memory per rank {format_bytes(result['memory'])}: "
                   + (f"the least lossy preset that fits is {result['choice']}" if result["choice"]
                      else "no preset fits at this shape")]
     lines += ["", "not seen by the trace: " + "; ".join(UNSEEN)]
@@ -688,6 +698,9 @@ def main(argv=None) -> int:
                     help="comma-separated: vanilla and shipped presets")
     ap.add_argument("--memory", help="per-rank memory, e.g. 80GiB: adds the longest sequence and largest batch "
                                      "that fit, and the least lossy preset that fits")
+    ap.add_argument("--max-seq", type=int, default=None,
+                    help="with --memory: the longest sequence searched (default: the config's max_position_embeddings)")
+    ap.add_argument("--max-batch", type=int, default=256, help="with --memory: the largest batch searched")
     ap.add_argument("--full-depth", action="store_true", help="trace every block instead of extrapolating from 2, 3")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = ap.parse_args(argv)
@@ -698,7 +711,7 @@ def main(argv=None) -> int:
                         lora=args.lora, lora_rank=args.lora_rank)
         load_model_config(spec.model)
         presets = [p.strip() for p in args.presets.split(",") if p.strip()]
-        result = plan_presets(spec, presets, memory, args.full_depth)
+        result = plan_presets(spec, presets, memory, args.full_depth, args.max_seq, args.max_batch)
     except (ValueError, TypeError) as exc:
         ap.error(str(exc))
     if args.json:
