@@ -37,7 +37,7 @@ import json
 import re
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -344,6 +344,27 @@ def _build(config, spec: PlanSpec, preset: Optional[str]):
     return model, causal
 
 
+@contextmanager
+def _unpacked_sequences():
+    """transformers looks at position_ids for packed sequences and, finding none (a data-dependent test), lets SDPA
+    take its causal path without a mask. Fake tensors have no data, so it would assume packing and build an s x s
+    mask that the real run never builds. The planner's inputs are one sequence per row: say so."""
+    try:
+        import transformers.masking_utils as masking
+    except ImportError:
+        yield
+        return
+    if not hasattr(masking, "find_packed_sequence_indices"):
+        yield
+        return
+    original = masking.find_packed_sequence_indices
+    masking.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking.find_packed_sequence_indices = original
+
+
 def trace(spec: PlanSpec, preset: Optional[str] = None, layers: Optional[int] = None) -> Trace:
     """One training step of `spec`'s model with `layers` blocks (default: the config's), converted with `preset`,
     under FakeTensorMode: the timeline of live bytes and what backward keeps."""
@@ -351,8 +372,13 @@ def trace(spec: PlanSpec, preset: Optional[str] = None, layers: Optional[int] = 
 
     config = load_model_config(spec.model)
     if layers is not None:
-        config = type(config).from_dict({**config.to_dict(), "num_hidden_layers": layers})
-    with FakeTensorMode(allow_non_fake_inputs=True):
+        data = config.to_dict()
+        depth = data["num_hidden_layers"]
+        # per-layer lists (Qwen2's layer_types, ...) follow the depth
+        data = {k: (v[:layers] if isinstance(v, list) and len(v) == depth and k != "architectures" else v)
+                for k, v in data.items()}
+        config = type(config).from_dict({**data, "num_hidden_layers": layers})
+    with FakeTensorMode(allow_non_fake_inputs=True), _unpacked_sequences():
         torch.manual_seed(0)
         model, causal = _build(config, spec, preset)
         params = list(model.parameters())

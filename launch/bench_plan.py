@@ -103,12 +103,29 @@ def validate(out_dir: Path = OUT, runs_root: Path = ROOT / "results" / "peak") -
     return result
 
 
-def project(out_dir: Path = OUT) -> dict:
+def _write_projection(path: Path, rows: list) -> dict:
+    order = [s["model"] for s in PROJECTIONS]
+    rows.sort(key=lambda r: (order.index(r["model"]), PROJECTION_PRESETS.index(r["preset"]), r["batch"]))
+    result = {"meta": {"command": "python launch/bench_plan.py project", "memory": PROJECTION_MEMORY,
+                       "dtype": "bf16-autocast (fp32 weights, gradients and AdamW state; bf16 compute)",
+                       "checkpointing": "hf (non-reentrant, every block)", "machine": _machine()}, "rows": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def project(out_dir: Path = OUT, models: tuple = ()) -> dict:
+    """The projections; with `models`, only those models' rows are planned again and the others are kept from
+    the existing projection.json."""
     from fewbit_dist.plan import PlanSpec, fit, parse_memory, plan
 
     memory = parse_memory(PROJECTION_MEMORY)
-    rows = []
+    path = out_dir / "projection.json"
+    rows = [r for r in json.loads(path.read_text())["rows"] if r["model"] not in models] \
+        if models and path.is_file() else []
     for setting in PROJECTIONS:
+        if models and setting["model"] not in models:
+            continue
         for preset in PROJECTION_PRESETS:
             for batch in (1, 8):
                 spec = PlanSpec(model=setting["model"], batch=batch, seq=4096, dtype="bf16-autocast",
@@ -128,15 +145,11 @@ def project(out_dir: Path = OUT) -> dict:
                                  saved_gib=round(p.saved_activations / GIB, 2),
                                  framework_gib=round(p.framework_extra / GIB, 2),
                                  plan_s=round(time.perf_counter() - t0, 1)))
+                _write_projection(path, rows)  # after every row: a long run keeps what it has
                 print(f"{setting['model']} {spec.strategy} x{spec.world_size} batch {batch} {preset:<10} peak at "
                       f"4096 {p.peak / GIB:6.2f} GiB" + (f", longest sequence in {PROJECTION_MEMORY}: "
                                                          f"{longest['value']}" if longest else ""), flush=True)
-    result = {"meta": {"command": "python launch/bench_plan.py project", "memory": PROJECTION_MEMORY,
-                       "dtype": "bf16-autocast (fp32 weights, gradients and AdamW state; bf16 compute)",
-                       "checkpointing": "hf (non-reentrant, every block)", "machine": _machine()}, "rows": rows}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "projection.json").write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return _write_projection(path, rows)
 
 
 def markdown(results: Path) -> str:
@@ -183,11 +196,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", nargs="?", default="all", choices=("all", "validate", "project"))
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--models", default="", help="project: only these models (comma list), keep the other rows")
     args = ap.parse_args(argv)
     if args.what in ("all", "validate"):
         validate(args.out)
     if args.what in ("all", "project"):
-        project(args.out)
+        project(args.out, tuple(m for m in args.models.split(",") if m))
     return 0
 
 
