@@ -237,3 +237,21 @@ def test_predicted_peak_within_15_percent_of_a_real_one(preset):
                       optimizer="none", checkpointing="none")
     predicted = P.plan(spec, preset, full_depth=True).peak_above_start
     assert abs(predicted - measured) <= 0.15 * measured, (predicted / 2**20, measured / 2**20)
+
+
+@pytest.mark.parametrize("preset", ["vanilla", "exact"])
+def test_the_fake_step_allocates_what_the_real_step_allocates(preset):
+    """The same tracker over real tensors and over fake ones: every op's live bytes agree, so the trace's peak
+    is the real step's (under checkpointing, where transformers' mask path once differed under fake tensors)."""
+    config = _config("llama", vocab_size=1024, tie_word_embeddings=True)
+    spec = P.PlanSpec(model=config, batch=2, seq=128, dtype="fp32", optimizer="none", checkpointing="hf")
+    torch.manual_seed(0)
+    model, _ = P._build(config, spec, preset)
+    ids = torch.randint(0, config.vocab_size, (spec.batch, spec.seq))
+    tracker = P._timeline_tracker()
+    tracker.track_external(model, ids)
+    with tracker:
+        model(input_ids=ids, labels=ids).loss.backward()
+    real = max(sum(s[1:]) for s in tracker.samples)
+    traced = P.trace(spec, preset)
+    assert max(sum(s[1:]) for s in traced.samples) == real
