@@ -516,6 +516,13 @@ class Plan:
     fit: dict = field(default_factory=dict)
 
 
+def _model_label(model) -> str:
+    """A short name for a plan's model: the name or path given, or the config's model type and source."""
+    if isinstance(model, (str, Path)):
+        return str(model)
+    return getattr(model, "_name_or_path", "") or f"{getattr(model, 'model_type', 'model')} config"
+
+
 def _extrapolate(a: float, b: float, la: int, lb: int, target: int) -> float:
     return a if la == lb else a + (b - a) * (target - la) / (lb - la)
 
@@ -532,14 +539,12 @@ def _plan_from_traces(spec: PlanSpec, preset: str, traces: list, depth: int, sec
     parts = [ex([pk[peak_phase][1][i] for pk in peaks]) for i in range(5)]
     start = ex([pk["start"][0] for pk in peaks])
     s = [_strategy_scale(spec, t) for t in traces]
-    trainable = ex([t.trainable_bytes for t in traces])
     kinds = sorted({k for t in traces for k in t.saved_by_kind})
     by_kind = {k: ex([t.saved_by_kind.get(k, 0) for t in traces]) for k in kinds}
     bwd_start = ex([t.kept_after_forward for t in traces])
     bwd_act = ex([max((a for ph, _, _, _, a in t.samples if ph == "bwd"), default=0) for t in traces])
     return Plan(
-        preset=preset, spec={k: (str(v) if k == "model" and not isinstance(v, str) else v)
-                             for k, v in asdict(spec).items()},
+        preset=preset, spec={k: (_model_label(v) if k == "model" else v) for k, v in asdict(spec).items()},
         params=int(ex([t.param_bytes * sc.param for t, sc in zip(traces, s)])),
         grads=int(ex([t.trainable_bytes * sc.grad for t, sc in zip(traces, s)])),
         optimizer_state=int(ex([t.end[2] * sc.opt for t, sc in zip(traces, s)])),
