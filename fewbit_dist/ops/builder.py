@@ -143,7 +143,8 @@ def _route_flags(device: str, route: str) -> list[str]:
 
 def jit_plan(device: str = "cpu", csrc: Path | None = None) -> dict:
     """Where and under which name a JIT build of the `device` kernels from `csrc` (default: the package's) goes,
-    its build hash and whether it is already built. Creates nothing."""
+    its build hash and whether it is already built. Builds nothing (without TORCH_EXTENSIONS_DIR, torch's folder
+    helper creates the empty folder)."""
     from torch.utils.cpp_extension import _get_build_directory
 
     if device == "cuda":
