@@ -37,12 +37,12 @@ def native_extensions():
     info = _buildinfo()
     csrc = ROOT / "csrc"
     include = [str(csrc / "include")]
-    cpu_define = info.hash_define(info.build_hash(csrc, "cpu", "setup", info.CPU_CXX_ARGS + info.CPU_LDFLAGS))
+    cpu_define = info.hash_define(info.build_hash(csrc, "cpu", "setup", info.device_flags("cpu")))
     exts = [CppExtension("fewbit_dist._fewbit_cpu", ["csrc/cpu/fewbit_cpu.cpp"], include_dirs=include,
                          extra_compile_args=info.CPU_CXX_ARGS + [cpu_define], extra_link_args=info.CPU_LDFLAGS)]
     if torch.version.cuda and CUDA_HOME:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", info.DEFAULT_CUDA_ARCHS)
-        cuda_define = info.hash_define(info.build_hash(csrc, "cuda", "setup", info.CUDA_CXX_ARGS + info.CUDA_NVCC_ARGS))
+        cuda_define = info.hash_define(info.build_hash(csrc, "cuda", "setup", info.device_flags("cuda")))
         exts.append(CUDAExtension("fewbit_dist._fewbit_cuda", ["csrc/cuda/binding.cpp", "csrc/cuda/fewbit_cuda.cu"],
                                   include_dirs=include,
                                   extra_compile_args={"cxx": info.CUDA_CXX_ARGS + [cuda_define],

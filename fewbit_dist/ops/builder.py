@@ -31,7 +31,7 @@ from . import buildinfo
 from .buildinfo import CPU_CXX_ARGS, CPU_LDFLAGS, CUDA_CXX_ARGS, CUDA_NVCC_ARGS, DEFAULT_CUDA_ARCHS
 
 __all__ = ["find_csrc", "cpu_sources", "cuda_sources", "include_paths", "CPU_CXX_ARGS", "cpu_builder",
-           "cuda_builder", "jit_load", "jit_load_cpu", "jit_load_cuda", "jit_plan", "build_cuda_extension",
+           "cuda_builder", "jit_load", "jit_plan", "build_cuda_extension",
            "build_lock", "BUILT_MARK"]
 
 CPU_NAME = "fewbit_dist_cpu_ops"  # the prefix of every JIT build's name (unique: DeepSpeed caches ops by NAME)
@@ -135,7 +135,7 @@ def _route() -> str:
 
 def _route_flags(device: str, route: str) -> list[str]:
     """The flags that enter the build hash. DeepSpeed's OpBuilder adds flags of its own, so its version does too."""
-    flags = CPU_CXX_ARGS + CPU_LDFLAGS if device == "cpu" else CUDA_CXX_ARGS + CUDA_NVCC_ARGS
+    flags = buildinfo.device_flags(device)
     if route == "deepspeed":
         flags = flags + [f"deepspeed=={importlib.metadata.version('deepspeed')}"]
     return flags
@@ -155,9 +155,14 @@ def jit_plan(device: str = "cpu", csrc: Path | None = None) -> dict:
     name = f"{BASE_NAMES[device]}_{digest}_{buildinfo.environment_tag()}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     folder = Path(root) / name if root else Path(_get_build_directory(name, False))
-    library = folder / f"{name}.so"
-    return {"device": device, "name": name, "build_hash": digest, "route": route, "csrc": csrc, "folder": folder,
-            "library": library, "built": (folder / BUILT_MARK).is_file() and library.is_file()}
+    plan = {"device": device, "name": name, "build_hash": digest, "route": route, "csrc": csrc, "folder": folder,
+            "library": folder / f"{name}.so"}
+    return plan | {"built": _finished(plan)}
+
+
+def _finished(plan: dict) -> bool:
+    """Whether the planned build has finished (its mark is written after the library)."""
+    return (plan["folder"] / BUILT_MARK).is_file() and plan["library"].is_file()
 
 
 @contextmanager
@@ -237,7 +242,7 @@ def jit_load(device: str = "cpu", csrc: Path | None = None, verbose: bool = Fals
     if plan["built"]:
         return _import_library(plan["name"], plan["library"]), plan | {"compiled": False}
     with build_lock(plan["folder"]):
-        if (plan["folder"] / BUILT_MARK).is_file() and plan["library"].is_file():  # built while we waited
+        if _finished(plan):  # built while we waited
             return _import_library(plan["name"], plan["library"]), plan | {"built": True, "compiled": False}
         # Every build of this folder holds the flock first, so torch's own lock file, if any, is a killed
         # build's leftover: without this, torch would wait on it forever.
@@ -246,15 +251,6 @@ def jit_load(device: str = "cpu", csrc: Path | None = None, verbose: bool = Fals
         module = _compile(plan, staged, verbose)
         (plan["folder"] / BUILT_MARK).write_text(plan["build_hash"] + "\n")
     return module, plan | {"built": True, "compiled": True}
-
-
-def jit_load_cpu(verbose: bool = False):
-    """Build (or take from the cache) and import the CPU kernels."""
-    return jit_load("cpu", verbose=verbose)[0]
-
-
-def jit_load_cuda(verbose: bool = False):
-    return jit_load("cuda", verbose=verbose)[0]
 
 
 def build_cuda_extension(build_dir, verbose: bool = False):

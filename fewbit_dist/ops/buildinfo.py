@@ -23,7 +23,7 @@ import sysconfig
 from pathlib import Path
 
 __all__ = ["CPU_CXX_ARGS", "CPU_LDFLAGS", "CUDA_CXX_ARGS", "CUDA_NVCC_ARGS", "DEFAULT_CUDA_ARCHS", "DEVICES",
-           "source_files", "build_hash", "environment_tag", "hash_define"]
+           "source_files", "device_flags", "build_hash", "environment_tag", "hash_define"]
 
 CPU_CXX_ARGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]  # no FMA: the reference's bytes
 CPU_LDFLAGS = ["-fopenmp"]
@@ -47,6 +47,12 @@ def source_files(csrc: Path, device: str) -> tuple[list[Path], list[Path]]:
                else [csrc / "cuda" / "binding.cpp", csrc / "cuda" / "fewbit_cuda.cu"])
     headers = sorted((csrc / "include").rglob("*.h")) + sorted((csrc / device).glob("*.h"))
     return sources, headers
+
+
+def device_flags(device: str) -> list[str]:
+    """The compiler and linker flags of the `device` kernels, as they enter the build hash."""
+    _check_device(device)
+    return CPU_CXX_ARGS + CPU_LDFLAGS if device == "cpu" else CUDA_CXX_ARGS + CUDA_NVCC_ARGS
 
 
 def build_hash(csrc: Path, device: str, route: str, flags: list[str] | tuple[str, ...] = ()) -> str:

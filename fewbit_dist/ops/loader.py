@@ -41,9 +41,7 @@ def prebuilt_hash(device_type: str) -> str:
     from . import buildinfo
     from .builder import find_csrc
 
-    flags = (buildinfo.CPU_CXX_ARGS + buildinfo.CPU_LDFLAGS if device_type == "cpu"
-             else buildinfo.CUDA_CXX_ARGS + buildinfo.CUDA_NVCC_ARGS)
-    return buildinfo.build_hash(find_csrc(), device_type, "setup", flags)
+    return buildinfo.build_hash(find_csrc(), device_type, "setup", buildinfo.device_flags(device_type))
 
 
 def _load_prebuilt(device_type: str):
