@@ -12,6 +12,13 @@ activations and temporaries) and SavedTensorMeter, with the innermost module of 
 and which modules keep it. Nothing about the blocks is assumed: custom autograd functions, compressed saved tensors,
 LoRA, checkpointing and the fused loss are traced as they run.
 
+Three things make the trace the real step's and quick: where two gradients of one tensor meet, the autograd
+engine adds one into the other in place, which it cannot do under a dispatch mode, so the tracker does it
+(`_called_by_autograd_engine`); Python's cycle collector is off during the trace (fake tensors form cycles, and a
+collection at a random op made the peak vary); and chunked loops run as their first two chunks and the last
+(fewbit_dist.chunks: every later chunk allocates and frees what the second did), so a trace costs about the same
+at 100k tokens as at 4k.
+
 Depth: blocks repeat, so the step is traced with 2 and 3 blocks and every figure is extrapolated linearly to the
 config's depth (per phase: forward, backward and optimizer peaks separately). `full_depth=True` traces the real
 depth instead (tests check that both agree).
@@ -33,6 +40,7 @@ and rounding, NCCL buffers, the CUDA context.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import re
 import sys
@@ -46,6 +54,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .chunks import steady_state_chunks
 from .memory import SavedTensorMeter, format_bytes
 from .validation import check_choice
 
@@ -218,6 +227,31 @@ class _NoHandle:
         pass
 
 
+_TORCH_DIR = str(Path(torch.__file__).resolve().parent)
+
+
+def _called_by_autograd_engine() -> bool:
+    """Whether the op being dispatched comes from a node of the autograd graph that has no Python frame (the
+    engine's gradient accumulation, a built-in derivative), not from Python code (an autograd Function's
+    backward, a checkpoint's recomputation)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "_engine_run_backward":
+            return True
+        if not code.co_filename.startswith(_TORCH_DIR):
+            return False
+        frame = frame.f_back
+    return False
+
+
+def _accumulates_in_place(a, b) -> bool:
+    """What the engine's in-place accumulation asks of the tensor it adds into (InputBuffer: a plain dense
+    tensor that is not a view, of the sum's shape and dtype)."""
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and a.dtype == b.dtype and a._base is None and a.is_contiguous() and not a.requires_grad)
+
+
 def _timeline_tracker():
     """A MemTracker that records, after every op, the live bytes by kind and the phase (its own per-module peak
     bookkeeping, which costs a pass over every module per op, is skipped)."""
@@ -238,6 +272,18 @@ def _timeline_tracker():
             self.samples.append((phase, snap[_MemRefType.PARAM], snap[_MemRefType.GRAD], snap[_MemRefType.OPT], act))
             if self._peak_mem.get(torch.device("cpu"), 0) < snap[_TOTAL_KEY]:
                 self._peak_mem[torch.device("cpu")] = snap[_TOTAL_KEY]
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            # Where two gradients of one tensor meet (a tied weight, the residual stream), the autograd engine
+            # adds them in place into whichever it holds the last reference to. Under any dispatch mode it never
+            # does (the mode's Python objects are references too), so the trace would count a third tensor:
+            # model the engine by adding in place here.
+            if func is torch.ops.aten.add.Tensor and not kwargs and len(args) == 2 and self._mod_tracker.is_bw \
+                    and _called_by_autograd_engine():
+                for a, b in (args, args[::-1]):
+                    if _accumulates_in_place(a, b):
+                        return super().__torch_dispatch__(torch.ops.aten.add_.Tensor, types, (a, b), None)
+            return super().__torch_dispatch__(func, types, args, kwargs)
 
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
             # MemTracker hooks every parameter's gradient; a frozen one (LoRA's base) cannot take a hook and
@@ -365,6 +411,21 @@ def _unpacked_sequences():
         masking.find_packed_sequence_indices = original
 
 
+@contextmanager
+def _no_cyclic_gc():
+    """Python's cycle collector off for the trace: fake tensors and the tracker's bookkeeping form reference
+    cycles, and a collection at a random op freed one early now and then (a trace's peak varied from run to
+    run); a real step's tensors die by reference counting, which stays on."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def trace(spec: PlanSpec, preset: Optional[str] = None, layers: Optional[int] = None) -> Trace:
     """One training step of `spec`'s model with `layers` blocks (default: the config's), converted with `preset`,
     under FakeTensorMode: the timeline of live bytes and what backward keeps."""
@@ -378,7 +439,7 @@ def trace(spec: PlanSpec, preset: Optional[str] = None, layers: Optional[int] = 
         data = {k: (v[:layers] if isinstance(v, list) and len(v) == depth and k != "architectures" else v)
                 for k, v in data.items()}
         config = type(config).from_dict({**data, "num_hidden_layers": layers})
-    with FakeTensorMode(allow_non_fake_inputs=True), _unpacked_sequences():
+    with _no_cyclic_gc(), FakeTensorMode(allow_non_fake_inputs=True), steady_state_chunks(), _unpacked_sequences():
         torch.manual_seed(0)
         model, causal = _build(config, spec, preset)
         params = list(model.parameters())
@@ -568,15 +629,17 @@ def plan(spec: PlanSpec, preset: str = "vanilla", full_depth: bool = False) -> P
 
 
 def fit(spec: PlanSpec, preset: str, memory: int, what: str = "seq", limit: int = 1 << 20,
-        full_depth: bool = False, granularity: Optional[int] = None) -> dict:
+        full_depth: bool = False, granularity: Optional[int] = None, known: Optional[dict] = None) -> dict:
     """The largest `what` ('seq' or 'batch') whose predicted peak fits `memory` bytes per rank, a multiple of
-    `granularity` (default: 128 tokens, 1 sample) up to `limit`. Each probe is a plan; the peak grows almost
-    linearly in tokens, so the next probe is interpolated between the largest size known to fit and the
-    smallest known not to (extrapolated, at least doubling, until one does not), which takes a few probes.
-    Returns the answer (0 when not even one granule fits) and every probe."""
+    `granularity` (default: 128 tokens, 1 sample) up to `limit`. Each probe is a plan; `known` maps sizes
+    already planned to their peaks (plan_presets passes spec's own). The peak grows almost linearly in tokens,
+    so after spec's size the next probe is interpolated between the largest size known to fit and the smallest
+    known not to (extrapolated from the two largest that fit, at least one granule up, until one does not),
+    which takes a few probes. Returns the answer (0 when not even one granule fits) and every probe."""
     check_choice(what, "what", ("seq", "batch"))
     step = granularity or (128 if what == "seq" else 1)
-    probes: dict[int, int] = {}
+    top = limit // step * step
+    probes: dict[int, int] = dict(known or {})
 
     def peak(n: int) -> int:
         if n not in probes:
@@ -586,36 +649,40 @@ def fit(spec: PlanSpec, preset: str, memory: int, what: str = "seq", limit: int 
     def done(answer: int) -> dict:
         return {"what": what, "value": answer, "memory": memory, "probes": {k: probes[k] for k in sorted(probes)}}
 
-    if peak(step) > memory:
+    def guess(lo: int, hi: Optional[int]) -> int:
+        """Where the peak meets the memory: interpolated in [lo, hi], or extrapolated above lo."""
+        below = sorted(k for k in probes if k % step == 0 and probes[k] <= memory)
+        a = below[-2] if hi is None and len(below) > 1 else lo
+        b = hi if hi is not None else below[-1]
+        if a == b:
+            return 2 * lo
+        slope = (probes[b] - probes[a]) / (b - a)
+        n = int(a + (memory - probes[a]) / slope) // step * step if slope > 0 else 2 * lo
+        if hi is None:
+            return max(n, lo + step)
+        if n <= lo:  # lands on lo: test one granule up
+            return lo + step
+        return n if n < hi else (lo + hi) // 2 // step * step
+
+    first = min(top, max(step, getattr(spec, what) // step * step))
+    if first < step:
         return done(0)
-    lo, hi = step, None  # lo fits; hi (when known) does not
-    n = max(2 * step, getattr(spec, what) // step * step)
+    lo, hi = first, None  # lo fits; hi (when known) does not
+    if peak(first) > memory:
+        if first == step or peak(step) > memory:
+            return done(0)
+        lo, hi = step, first
     while hi is None or hi - lo > step:
-        if n <= lo or (hi is not None and n >= hi):
-            n = (lo + hi) // 2 // step * step if hi is not None else 2 * lo
-        if n > limit:
-            if peak(limit // step * step) <= memory:
-                return done(limit // step * step)
-            n, hi = (lo + limit) // 2 // step * step, limit // step * step
+        n = guess(lo, hi)
+        if n > top:
+            if lo == top or peak(top) <= memory:
+                return done(top)
+            hi = top
             continue
         if peak(n) <= memory:
             lo = n
         else:
             hi = n
-        # interpolate (or extrapolate from the two largest fitting probes) where the peak meets the memory
-        below = sorted(k for k in probes if probes[k] <= memory)
-        a = below[-2] if hi is None and len(below) > 1 else lo
-        b = hi if hi is not None else below[-1]
-        if a == b:
-            n = 2 * lo
-            continue
-        slope = (probes[b] - probes[a]) / (b - a)
-        guess = a + (memory - probes[a]) / slope if slope > 0 else 2 * lo
-        n = int(guess) // step * step
-        if hi is None:
-            n = max(n, lo + step)
-        elif n == lo:  # the interpolation lands on lo: test one granule up
-            n = lo + step
     return done(lo)
 
 
@@ -654,7 +721,8 @@ def plan_presets(spec: PlanSpec, presets: Sequence[str], memory: Optional[int] =
             max_seq = getattr(load_model_config(spec.model), "max_position_embeddings", None) or 1 << 20
         limits = {"seq": max_seq, "batch": max_batch}
         for p in plans:
-            p.fit = {what: fit(spec, p.preset, memory, what, limit=limits[what], full_depth=full_depth)["value"]
+            p.fit = {what: fit(spec, p.preset, memory, what, limit=limits[what], full_depth=full_depth,
+                               known={getattr(spec, what): p.peak})["value"]
                      for what in ("seq", "batch")}
             granule = {"seq": 128, "batch": 1}
             p.fit["capped"] = [what for what in ("seq", "batch") if p.fit[what] + granule[what] > limits[what]]

@@ -2,7 +2,8 @@
 
     python launch/bench_plan.py validate     # every mmap-threshold run under results/peak: predicted vs measured
     python launch/bench_plan.py project      # Llama-3-8B (FSDP2) and Qwen2.5-7B (ZeRO-3) on 8 x 80 GB, per preset
-    python launch/bench_plan.py              # both
+    python launch/bench_plan.py gloo         # what gloo's reduce-scatter allocates on CPU (the sharded rows' gap)
+    python launch/bench_plan.py              # all three
 
 validate: each row of results/peak/*/results.json measured with MALLOC_MMAP_THRESHOLD_=65536 (freed tensors go back to
 the OS, so the resident set follows the live tensors; runs with glibc's default threshold measure the allocator
@@ -192,9 +193,49 @@ def markdown(results: Path) -> str:
     return "\n".join(out) if out else "_No planner results yet: run `python launch/bench_plan.py`._"
 
 
+GLOO_CHILD = """
+import json, os, resource, sys, torch, torch.distributed as dist
+rank, numel = int(sys.argv[1]), int(sys.argv[2])
+dist.init_process_group("gloo", rank=rank, world_size=2)
+x, out = torch.ones(numel), torch.empty(numel // 2)
+dist.barrier()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+dist.reduce_scatter_tensor(out, x)
+grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+print(json.dumps({"rank": rank, "grew": grew}))
+dist.destroy_process_group()
+"""
+
+
+def gloo(out_dir: Path = OUT) -> dict:
+    """What gloo's reduce_scatter_tensor allocates on CPU beyond its input and output (NCCL reduces in place on a
+    GPU; the planner plans for NCCL): 2 fresh ranks, the tied SmolLM2 embedding's gradient (49152 x 576 float32),
+    MALLOC_MMAP_THRESHOLD_=65536, the growth of each rank's high-water mark over the call."""
+    import os
+    import socket
+    import subprocess
+
+    numel = 49152 * 576
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", GLOO_CHILD, str(rank), str(numel)], env=env,
+                              stdout=subprocess.PIPE, text=True) for rank in range(2)]
+    grew = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1])["grew"] for p in procs]
+    result = {"meta": {"command": "python launch/bench_plan.py gloo", "machine": _machine()},
+              "tensor_mib": round(numel * 4 / MIB, 1), "high_water_growth_mib": [round(g / MIB, 1) for g in grew]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gloo_reduce_scatter.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"gloo reduce_scatter_tensor of {result['tensor_mib']} MiB: high-water growth per rank "
+          f"{result['high_water_growth_mib']} MiB")
+    return result
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="?", default="all", choices=("all", "validate", "project"))
+    ap.add_argument("what", nargs="?", default="all", choices=("all", "validate", "project", "gloo"))
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--models", default="", help="project: only these models (comma list), keep the other rows")
     args = ap.parse_args(argv)
@@ -202,6 +243,8 @@ def main(argv=None) -> int:
         validate(args.out)
     if args.what in ("all", "project"):
         project(args.out, tuple(m for m in args.models.split(",") if m))
+    if args.what in ("all", "gloo"):
+        gloo(args.out)
     return 0
 
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from contextlib import nullcontext
 from dataclasses import replace
 
 import pytest
@@ -255,3 +256,70 @@ def test_the_fake_step_allocates_what_the_real_step_allocates(preset):
     real = max(sum(s[1:]) for s in tracker.samples)
     traced = P.trace(spec, preset)
     assert max(sum(s[1:]) for s in traced.samples) == real
+
+
+@pytest.mark.parametrize("preset", ["exact", "max-saving"])
+def test_steady_state_chunks_trace_the_same_bytes_as_every_chunk(preset, monkeypatch):
+    """The planner runs chunked loops as their first two chunks and the last (fewbit_dist.chunks): with chunks
+    of 8 rows (tens of chunks per loop: the gated backward, the rebuilt inputs' weight gradients, the fused
+    loss), the peak, the saved bytes and what forward leaves for backward equal a trace that runs them all."""
+    from fewbit_dist.functional import gated, linear, loss
+
+    monkeypatch.setattr(gated, "GATED_CHUNK_BYTES", 8 * 4 * 128)
+    monkeypatch.setattr(linear, "RESTORE_CHUNK_BYTES", 8 * 4 * 128 * 2)
+    monkeypatch.setattr(loss, "chunk_rows_for", lambda vocab: 8)
+    config = _config("llama", tie_word_embeddings=True)
+    spec = P.PlanSpec(model=config, batch=2, seq=128, dtype="fp32", optimizer="adamw", checkpointing="hf")
+
+    def summary(t):
+        return max(sum(s[1:]) for s in t.samples), t.saved_bytes, t.kept_after_forward, len(t.samples)
+
+    steady = summary(P.trace(spec, preset))
+    monkeypatch.setattr(P, "steady_state_chunks", nullcontext)
+    every = summary(P.trace(spec, preset))
+    assert steady[:3] == every[:3]
+    assert steady[3] < every[3] / 2  # the shortcut ran: far fewer ops
+
+
+def test_steady_state_chunks_only_under_fake_tensors():
+    from fewbit_dist.chunks import chunk_starts, steady_state_chunks
+
+    assert list(chunk_starts(10, 3)) == [0, 3, 6, 9]
+    with pytest.raises(RuntimeError, match="FakeTensorMode"):
+        with steady_state_chunks():
+            pass
+    with torch._subclasses.fake_tensor.FakeTensorMode(), steady_state_chunks():
+        assert list(chunk_starts(10, 3)) == [0, 3, 9] and list(chunk_starts(9, 3)) == [0, 3, 6]
+    with pytest.raises(ValueError, match="step"):
+        chunk_starts(10, 0)
+
+
+def test_gradients_that_meet_are_added_in_place_as_the_engine_does(monkeypatch):
+    """x feeds two ops, so its two gradients meet in backward. Without a dispatch mode the engine adds one into
+    the other in place (x.grad is one of them); under any mode it cannot, so the tracker models it: its
+    backward holds exactly one x-sized tensor less than a trace that adds out of place."""
+    def graph(x):
+        a, b = x * 2, x * 3  # backward: two x-sized gradients, then their sum
+        return a.grad_fn, b.grad_fn, (a + b).sum()
+
+    x = torch.randn(1 << 16, requires_grad=True)
+    *nodes, loss = graph(x)
+    incoming = []
+    for node in nodes:  # the two gradients sent to x
+        node.register_hook(lambda gi, go: incoming.append(gi[0].data_ptr()))
+    loss.backward()
+    assert len(incoming) == 2 and x.grad.data_ptr() in incoming
+
+    def backward_peak():
+        x = torch.randn(1 << 16, requires_grad=True)
+        tracker = P._timeline_tracker()
+        tracker.track_external(x)
+        with tracker:
+            loss = graph(x)[2]
+            tracker.mark("fwd")
+            loss.backward()
+        return max(s[4] for s in tracker.samples if s[0] == "bwd")
+
+    modelled = backward_peak()
+    monkeypatch.setattr(P, "_called_by_autograd_engine", lambda: False)
+    assert backward_peak() - modelled == x.numel() * x.element_size()

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "fewbit_dist"
-BELOW_INTEGRATIONS = ["convert.py", "config.py", "util.py", "memory.py", "models", "functional", "nn", "ops", "quant",
-                      "presets"]
+BELOW_INTEGRATIONS = ["convert.py", "config.py", "util.py", "memory.py", "chunks.py", "models", "functional", "nn",
+                      "ops", "quant", "presets"]
 
 
 def _imports(path: Path, root: Path = PKG.parent) -> set[str]:

@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..chunks import chunk_starts
 from ..memory import storage_id
 from ..validation import check_callable, check_choice, check_generator, check_tensor
 from . import shared_input
@@ -146,7 +147,7 @@ class _GatedFn(torch.autograd.Function):
         act = _hookless(ctx.act)
         step = _chunk_rows(n, cols)
         grad_gate = grad_up = None
-        for r0 in range(0, n, step):
+        for r0 in chunk_starts(n, step):
             r1 = min(n, r0 + step)
             if ctx.mode == "exact":
                 gate, up = gate2[r0:r1], up2[r0:r1]

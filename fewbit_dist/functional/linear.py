@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import shared_input
+from ..chunks import chunk_starts
 from ..validation import check_int
 from .sketch import sketch_for
 
@@ -137,7 +138,7 @@ def restored_weight_grad(g2: torch.Tensor, restore, tensors, weight: torch.Tenso
         return weight_grad(g2, restore(tensors, g2.dtype), weight)
     acc_dtype = torch.promote_types(g2.dtype, torch.float32)  # half types sum their chunks in float32
     acc = None
-    for r0 in range(0, n, chunk):
+    for r0 in chunk_starts(n, chunk):
         r1 = min(n, r0 + chunk)
         part_x = rows_of(tensors, g2.dtype, r0, r1)
         if acc is None:

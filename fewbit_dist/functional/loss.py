@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..chunks import chunk_starts
 from ..validation import check_optional_int
 
 __all__ = ["chunked_causal_lm_loss", "linear_cross_entropy_sum", "fuse_head", "is_fused_head",
@@ -103,7 +104,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
             low = torch.empty(rows, w.shape[0], dtype=dt, device=h.device)
             wbuf = torch.empty(weight.shape, dtype=dt, device=weight.device) if need_w else None
         total = None
-        for r0 in range(0, h.shape[0], chunk_rows):
+        for r0 in chunk_starts(h.shape[0], chunk_rows):
             hc = h[r0:r0 + chunk_rows]
             hc = hc if hc.dtype == dt else hc.to(dt)
             n = hc.shape[0]
@@ -246,7 +247,7 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: 
         return head(h2, fewbit_loss_target=target, scale=scale, ignore_index=ignore_index, chunk_rows=chunk_rows,
                     softcap=softcap)
     total = None
-    for r0 in range(0, h2.shape[0], chunk_rows):
+    for r0 in chunk_starts(h2.shape[0], chunk_rows):
         h, t = h2[r0:r0 + chunk_rows], target[r0:r0 + chunk_rows]
         if torch.is_grad_enabled() and h.requires_grad:
             part = checkpoint(_chunk_loss_sum, h, t, head, softcap, ignore_index, use_reentrant=False)
