@@ -13,7 +13,9 @@ apply, or runs out of memory, is recorded with its error. Weights are random (no
 
 Memory: each variant alone on the device (built, one warm-up step, then torch.cuda.max_memory_allocated after
 reset_peak_memory_stats around one step: `peak_bytes`, and `peak_above_start_bytes` above what was allocated
-before the step: weights, and nothing else). On the CPU (dry run) the step's peak RSS instead.
+before the step: weights, and nothing else). On the CPU (dry run) the step's peak RSS instead. Beside it, the
+memory planner's prediction of the same quantity (`planned_above_start_bytes`, fewbit_dist.plan, traced on the
+CPU under FakeTensorMode): the planner's check against torch.cuda.max_memory_allocated.
 Time: all variants resident, one step each per round, interleaved, after a warm-up round; median seconds and
 the median of the per-round ratios to vanilla. Rounds stop early when --budget-s is spent (at least 2).
 Writes OUT_DIR/results.json and OUT_DIR/results.md.
@@ -68,12 +70,28 @@ def measure_memory(cfg: dict, name: str, device, tiny: bool) -> dict:
         train_step(model, batch, AUTOCAST[cfg["dtype"]])
         sync(device.type)
         peak = peak_memory_bytes(device)
-        return {"status": "ok", "peak_bytes": peak, "peak_above_start_bytes": peak - start}
+        return {"status": "ok", "peak_bytes": peak, "peak_above_start_bytes": peak - start,
+                **planned(cfg, name, model.config)}
     except torch.cuda.OutOfMemoryError as exc:
         return {"status": "error", "error": f"OutOfMemoryError: {str(exc).splitlines()[0][:200]}"}
     finally:
         del model
         _free(device)
+
+
+def planned(cfg: dict, name: str, config) -> dict:
+    """The memory planner's prediction for the same step (fewbit_dist.plan: traced on the CPU under
+    FakeTensorMode, no optimizer, no checkpointing), to set beside the measured peak above start; its error
+    is recorded instead of failing the check."""
+    try:
+        from fewbit_dist.plan import PlanSpec, plan
+
+        spec = PlanSpec(model=config, batch=cfg["batch"], seq=cfg["seq"],
+                        dtype="bf16-autocast" if cfg["dtype"] == "bf16" else "fp32", optimizer="none",
+                        checkpointing="none")
+        return {"planned_above_start_bytes": plan(spec, name).peak_above_start}
+    except Exception as exc:  # the measurement stands without the prediction
+        return {"planned_error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
 
 def measure_time(cfg: dict, names: list[str], device, tiny: bool, repeats: int, budget_s: float) -> dict:
@@ -129,21 +147,27 @@ def run_config(cfg: dict, presets: list[str], device, tiny: bool, repeats: int, 
 def markdown(rows: list[dict], header: str) -> str:
     unit, scale = ("GiB", GIB) if any(r["config"]["device"].startswith("cuda") for r in rows) else ("MiB", 2.0 ** 20)
     lines = [header, "",
-             f"| model | dtype | batch x seq | variant | peak ({unit}) | above start ({unit}) | peak / vanilla | "
-             "step (s) | time / vanilla [q25, q75] |", "|---|---|---|---|---|---|---|---|---|"]
+             f"| model | dtype | batch x seq | variant | peak ({unit}) | above start ({unit}) | planned above start "
+             f"({unit}) | planned / measured | peak / vanilla | step (s) | time / vanilla [q25, q75] |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["config"]
         head = f"| {c['model']} ({c['layers']} layers) | {c['dtype']} | {c['batch']} x {c['seq']} | {r['variant']} |"
         if r["status"] != "ok":
-            lines.append(f"{head} - | - | - | - | {r['error'][:150]} |")
+            lines.append(f"{head} - | - | - | - | - | - | {r['error'][:150]} |")
             continue
         time_cells = "- | -"
         if "median_s" in r:
             q = r["ratio"]
             time_cells = f"{r['median_s']:.3f} | {q['median']:.3f} [{q['q25']:.3f}, {q['q75']:.3f}]"
         rel = f"{r['peak_vs_vanilla']:.3f}" if "peak_vs_vanilla" in r else "-"
-        lines.append(f"{head} {r['peak_bytes'] / scale:.2f} | {r['peak_above_start_bytes'] / scale:.2f} | {rel} | "
-                     f"{time_cells} |")
+        plan_cells = "- | -"
+        if r.get("planned_above_start_bytes") is not None:
+            measured = r["peak_above_start_bytes"]
+            plan_cells = (f"{r['planned_above_start_bytes'] / scale:.2f} | "
+                          + (f"{r['planned_above_start_bytes'] / measured:.2f}" if measured > 0 else "-"))
+        lines.append(f"{head} {r['peak_bytes'] / scale:.2f} | {r['peak_above_start_bytes'] / scale:.2f} | "
+                     f"{plan_cells} | {rel} | {time_cells} |")
     return "\n".join(lines) + "\n"
 
 

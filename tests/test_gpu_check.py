@@ -34,6 +34,7 @@ def test_dry_run_writes_every_config_and_variant(tmp_path):
             assert r["config"]["layers"] == 2 and (r["config"]["batch"], r["config"]["seq"]) == (2, 16)
             if r["status"] == "ok":  # a preset that does not resolve is recorded with its error instead
                 assert r["peak_bytes"] > 0 and r["median_s"] > 0 and len(r["samples_s"]) >= 2
+                assert r.get("planned_above_start_bytes", 0) > 0, r.get("planned_error")  # the planner beside it
                 assert r["ratio"]["q25"] <= r["ratio"]["median"] <= r["ratio"]["q75"]
             else:
                 assert r["error"], name
