@@ -439,7 +439,11 @@ def trace(spec: PlanSpec, preset: Optional[str] = None, layers: Optional[int] = 
         data = {k: (v[:layers] if isinstance(v, list) and len(v) == depth and k != "architectures" else v)
                 for k, v in data.items()}
         config = type(config).from_dict({**data, "num_hidden_layers": layers})
-    with _no_cyclic_gc(), FakeTensorMode(allow_non_fake_inputs=True), steady_state_chunks(), _unpacked_sequences():
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    # FakeTensorMode's dispatch cache made one trace in about ten free a tensor at another op (seen at 100k
+    # tokens: a backward peak one hidden-sized tensor lower); without it every trace is the same
+    fake.cache_enabled = False
+    with _no_cyclic_gc(), fake, steady_state_chunks(), _unpacked_sequences():
         torch.manual_seed(0)
         model, causal = _build(config, spec, preset)
         params = list(model.parameters())

@@ -15,7 +15,8 @@ Output: results/plan/validation.json.
 
 project: labelled projections, not measurements: Llama-3-8B, bf16 autocast (fp32 master weights), AdamW, HF
 checkpointing, FSDP2 on 8 ranks of 80 GiB: the peak at batch 1 and 8 x 4096 tokens and the longest sequence per
-preset at batch 1 (multiples of 1024 tokens); the same for Qwen2.5-7B under ZeRO-3.
+preset at batch 1 (multiples of 1024 tokens), and at batch 1 with compressed checkpoint boundaries (boundary8);
+the same for Qwen2.5-7B under ZeRO-3.
 Output: results/plan/projection.json.
 
 `markdown(results_dir)` renders both for BENCHMARKS.md (launch/docs_figures.py's block "plan").
@@ -42,7 +43,10 @@ PROJECTIONS = (
 )
 PROJECTION_MEMORY = "80GiB"
 PROJECTION_PRESETS = ("vanilla", "exact", "max-saving")
-SEQ_LIMIT = 1 << 17  # the longest sequence searched: 131072 tokens
+SEQ_LIMIT = 1 << 18  # the longest sequence searched: 262144 tokens
+# (checkpointing, batch): HF's checkpointing at batch 1 and 8 x 4096 tokens; compressed boundaries
+# (fewbit_dist.integrations.checkpointing, 8-bit block inputs) at batch 1
+PROJECTION_RUNS = (("hf", 1), ("hf", 8), ("boundary8", 1))
 
 
 def _machine() -> dict:
@@ -106,10 +110,14 @@ def validate(out_dir: Path = OUT, runs_root: Path = ROOT / "results" / "peak") -
 
 def _write_projection(path: Path, rows: list) -> dict:
     order = [s["model"] for s in PROJECTIONS]
-    rows.sort(key=lambda r: (order.index(r["model"]), PROJECTION_PRESETS.index(r["preset"]), r["batch"]))
+    runs = [list(run) for run in PROJECTION_RUNS]
+    rows.sort(key=lambda r: (order.index(r["model"]), PROJECTION_PRESETS.index(r["preset"]),
+                             runs.index([r["checkpointing"], r["batch"]])))
     result = {"meta": {"command": "python launch/bench_plan.py project", "memory": PROJECTION_MEMORY,
                        "dtype": "bf16-autocast (fp32 weights, gradients and AdamW state; bf16 compute)",
-                       "checkpointing": "hf (non-reentrant, every block)", "machine": _machine()}, "rows": rows}
+                       "checkpointing": "hf: Hugging Face's non-reentrant checkpointing of every block; boundary8: "
+                                        "the same with each block's saved input quantized to 8 bits",
+                       "machine": _machine()}, "rows": rows}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -128,9 +136,9 @@ def project(out_dir: Path = OUT, models: tuple = ()) -> dict:
         if models and setting["model"] not in models:
             continue
         for preset in PROJECTION_PRESETS:
-            for batch in (1, 8):
+            for ckpt, batch in PROJECTION_RUNS:
                 spec = PlanSpec(model=setting["model"], batch=batch, seq=4096, dtype="bf16-autocast",
-                                optimizer="adamw", checkpointing="hf", strategy=setting["strategy"],
+                                optimizer="adamw", checkpointing=ckpt, strategy=setting["strategy"],
                                 world_size=setting["world_size"])
                 t0 = time.perf_counter()
                 p = plan(spec, preset)
@@ -139,7 +147,7 @@ def project(out_dir: Path = OUT, models: tuple = ()) -> dict:
                 longest = fit(spec, preset, memory, "seq", limit=SEQ_LIMIT, granularity=1024) if batch == 1 \
                     else None
                 rows.append(dict(model=setting["model"], strategy=spec.strategy, world_size=spec.world_size,
-                                 batch=batch, preset=preset, peak_4096_gib=round(p.peak / GIB, 2),
+                                 checkpointing=ckpt, batch=batch, preset=preset, peak_4096_gib=round(p.peak / GIB, 2),
                                  peak_phase=p.peak_phase, max_seq=longest["value"] if longest else None,
                                  params_gib=round(p.params / GIB, 2), grads_gib=round(p.grads / GIB, 2),
                                  optimizer_gib=round(p.optimizer_state / GIB, 2),
@@ -147,7 +155,7 @@ def project(out_dir: Path = OUT, models: tuple = ()) -> dict:
                                  framework_gib=round(p.framework_extra / GIB, 2),
                                  plan_s=round(time.perf_counter() - t0, 1)))
                 _write_projection(path, rows)  # after every row: a long run keeps what it has
-                print(f"{setting['model']} {spec.strategy} x{spec.world_size} batch {batch} {preset:<10} peak at "
+                print(f"{setting['model']} {spec.strategy} x{spec.world_size} {ckpt:<9} batch {batch} {preset:<10} peak at "
                       f"4096 {p.peak / GIB:6.2f} GiB" + (f", longest sequence in {PROJECTION_MEMORY}: "
                                                          f"{longest['value']}" if longest else ""), flush=True)
     return _write_projection(path, rows)
@@ -179,14 +187,15 @@ def markdown(results: Path) -> str:
         data = json.loads(proj.read_text())
         meta = data["meta"]
         out += ["", f"**Projection, not a measurement** (`python launch/bench_plan.py project`): per rank, "
-                f"{meta['dtype']}, AdamW, checkpointing {meta['checkpointing']}, {meta['memory']} per rank; the "
+                f"{meta['dtype']}, AdamW, checkpointing {meta['checkpointing']}; {meta['memory']} per rank; the "
                 "longest sequence is the largest multiple of 1024 tokens whose predicted peak fits, searched up to "
                 f"{SEQ_LIMIT} tokens (not capped at the model's trained context).", "",
-                "| model | strategy | batch | preset | peak at 4096 tokens, GiB | phase | longest sequence | "
-                "params | grads | optimizer | saved | framework |",
-                "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+                "| model | strategy | checkpointing | batch | preset | peak at 4096 tokens, GiB | phase | longest "
+                "sequence | params | grads | optimizer | saved | framework |",
+                "|---|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
         for r in data["rows"]:
-            out.append(f"| {r['model']} | {r['strategy']} x{r['world_size']} | {r['batch']} | {r['preset']} | "
+            out.append(f"| {r['model']} | {r['strategy']} x{r['world_size']} | {r.get('checkpointing', 'hf')} | "
+                       f"{r['batch']} | {r['preset']} | "
                        f"{r['peak_4096_gib']:.2f} | {r['peak_phase']} | {r['max_seq'] or '-'} | "
                        f"{r['params_gib']:.2f} | {r['grads_gib']:.2f} | {r['optimizer_gib']:.2f} | "
                        f"{r['saved_gib']:.2f} | {r['framework_gib']:.2f} |")

@@ -203,6 +203,28 @@ def test_hf_bf16_autocast_and_converted_layers():
     assert torch.equal(loss, loss0) and cosine(g, g0) > 0.999
 
 
+def test_forward_keeps_no_autocast_weight_casts():
+    """Under bf16 autocast the boundary's no-grad forward must not leave autocast's cached bf16 copies of the
+    block's weights alive for the rest of the forward: four blocks of two 200 x 400 layers hold, after their
+    forwards, only their outputs and 8-bit inputs (the cached copies would be 4 x 320 KB more)."""
+    from fewbit_dist.plan import _timeline_tracker
+
+    blocks = nn.ModuleList(Block() for _ in range(4))
+    x = torch.randn(4, 200, requires_grad=True)
+    cp = CompressedCheckpoint(8)
+    tracker = _timeline_tracker()
+    tracker.track_external(blocks, x)
+    with tracker, torch.autocast("cpu", torch.bfloat16):
+        tracker.mark("fwd")
+        h = x
+        for block in blocks:
+            h = cp(block, h)
+        tracker.mark("fwd")
+        live = tracker.samples[-1][4]
+    weight_casts = sum(p.numel() * 2 for p in blocks.parameters() if p.dim() == 2)
+    assert live < weight_casts / 4, (live, weight_casts)  # codes and outputs: a few KB
+
+
 def test_enable_checks_its_arguments():
     model = tiny_llama()
     with pytest.raises(ValueError, match="boundary_bits must be an int in 2..8"):

@@ -327,6 +327,37 @@ def test_rms_norm_compressed_gradients(style):
     assert min(errors[2]) > 5 * max(errors[8]), errors
 
 
+@pytest.mark.parametrize("style", STYLES)
+def test_rms_norm_compressed_row_chunks_give_the_whole_tensors_gradients(monkeypatch, style):
+    """The compressed norm's backward and its reader's weight gradient work on row chunks (functional.norm's
+    NORM_CHUNK_BYTES, the rebuilt output's RESTORE_CHUNK_BYTES): with 8-row chunks of 35 x 3 rows, grad_x is
+    the whole tensors' bit for bit (each row's arithmetic is its own) and the weight gradients, summed by
+    chunk in float32, agree to rounding."""
+    import fewbit_dist.functional.linear as linear
+    import fewbit_dist.functional.norm as norm
+
+    module = hf_norm(style, 64, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    x0, w0 = torch.randn(3, 35, 64, generator=g) * 2, torch.randn(16, 64, generator=g)
+    grad_out = torch.randn(3, 35, 16, generator=g)
+
+    def run():
+        x, nw, w = x0.clone().requires_grad_(), module.weight.detach().clone().requires_grad_(), \
+            w0.clone().requires_grad_()
+        gen = torch.Generator().manual_seed(1)
+        y = rms_norm(x, nw, norm_eps(module), style=style, mode="compressed", bits=4, group_size=32, generator=gen)
+        fewbit_dist.functional.lowbit.low_bit_linear(y, w, None, bits=4, generator=gen).backward(grad_out)
+        return x.grad, nw.grad, w.grad
+
+    whole = run()
+    monkeypatch.setattr(norm, "NORM_CHUNK_BYTES", 8 * 64 * 4)
+    monkeypatch.setattr(linear, "RESTORE_CHUNK_BYTES", 8 * 16 * 4 * 2)
+    chunked = run()
+    assert torch.equal(chunked[0], whole[0])
+    torch.testing.assert_close(chunked[1], whole[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked[2], whole[2], rtol=1e-5, atol=1e-5)
+
+
 def test_rms_norm_rejects_bad_arguments():
     x, w = torch.randn(2, 8), torch.ones(8)
     with pytest.raises(ValueError, match="style"):

@@ -32,6 +32,7 @@ from fewbit_dist.functional import shared_input
 from fewbit_dist.functional.gated import gated_product
 from fewbit_dist.functional.lowbit import low_bit_linear
 from fewbit_dist.functional.loss import linear_cross_entropy_sum
+from fewbit_dist.functional.norm import rms_norm
 
 torch.set_num_threads(1)
 out = {}
@@ -90,7 +91,21 @@ def loss():
     return [h, w], lambda: linear_cross_entropy_sum(h, w, None, t, 1.0 / 8192)
 
 
+def norm_reader():
+    # a compressed RMSNorm and a low-bit projection reading its output (it shares the norm's codes): backward
+    # rebuilds the output in chunks for the projection's weight gradient and the norm's h in chunks for its own
+    x = torch.randn(8192, 1024, requires_grad=True)  # 32 MiB
+    nw = torch.ones(1024, requires_grad=True)
+    w = torch.randn(1024, 1024, requires_grad=True)
+    def fwd():
+        gen = torch.Generator().manual_seed(0)
+        y = rms_norm(x, nw, 1e-6, mode="compressed", bits=4, group_size=128, generator=gen)
+        return low_bit_linear(y, w, None, bits=4, generator=gen)
+    return [x, nw, w], fwd
+
+
 run("lowbit", lowbit)
+run("norm_reader", norm_reader)
 run("gated", gated)
 run("gated_down", gated_down)
 run("loss", loss)
@@ -148,6 +163,19 @@ def test_down_projection_rebuilds_the_gated_product_in_chunks(peaks):
     grad_h = 4096 * 1536 * 4
     assert r["bwd_peak"] <= r["grads"] + grad_h + RESTORE_CHUNK_BYTES + SLACK, (
         _mib(r["bwd_peak"]), _mib(r["grads"] + grad_h))
+
+
+def test_compressed_norm_and_its_reader_rebuild_in_chunks(peaks):
+    from fewbit_dist.functional.linear import RESTORE_CHUNK_BYTES
+    from fewbit_dist.functional.norm import NORM_CHUNK_BYTES
+
+    r = peaks["norm_reader"]
+    # the projection's grad_x (32 MiB) lives while the norm's backward runs; beside it the gradients and
+    # either the projection's rebuilt rows of the norm's output or the norm's chunks (h, its products). The
+    # whole tensors would be a float32 h and the norm's output (64 MiB), then four input-sized products.
+    grad_y = 8192 * 1024 * 4
+    assert r["bwd_peak"] <= r["grads"] + grad_y + RESTORE_CHUNK_BYTES + 6 * NORM_CHUNK_BYTES + SLACK, (
+        _mib(r["bwd_peak"]), _mib(r["grads"] + grad_y))
 
 
 def test_fused_loss_holds_one_chunk_of_logits(peaks):

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..chunks import chunk_starts
 from ..validation import check_choice, check_generator, check_real, check_tensor
 from . import shared_input
 from .linear import draw_seed
@@ -35,6 +36,7 @@ from .lowbit import check_lowbit_args, quantize_input
 __all__ = ["rms_norm", "NORM_MODES", "RMS_STYLES"]
 
 NORM_MODES = ("exact", "compressed")
+NORM_CHUNK_BYTES = 4 << 20  # the compressed backward works on row chunks whose float32 h stays within this
 RMS_STYLES = ("llama", "gemma")
 
 
@@ -86,27 +88,59 @@ class _RMSNormFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y):
         shared_input.forget(ctx.share_key)
-        if ctx.mode == "exact":
-            weight, x, rstd = ctx.saved_tensors
-            h = _h_exact(x, rstd)
-        else:
-            weight, packed, lo, scale, rstd = ctx.saved_tensors
-            h = ctx.q_meta((packed, lo, scale), torch.float32).view(ctx.shape)
-        gy = grad_y
-        if ctx.style == "llama":
+        if ctx.mode != "exact":
+            return _compressed_backward(ctx, grad_y)
+        weight, x, rstd = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        grad_x, grad_w = _grads_of_rows(ctx, grad_y, _h_exact(x, rstd), weight, rstd, need_x, need_w, sum_dtype=None)
+        return grad_x, None if grad_w is None else grad_w.to(ctx.w_dtype), None, None, None, None, None, None, None
+
+
+def _grads_of_rows(ctx, gy, h, weight, rstd, need_x: bool, need_w: bool, sum_dtype):
+    """(grad_x or None, grad_w or None) of rows from their upstream gradient and h (as the module's autograd
+    forms them: y = weight * hx computes both products in the promoted dtype and casts each gradient to its
+    input's dtype). grad_w is summed over the rows in `sum_dtype` (None: the product's, as autograd does)."""
+    grad_w = None
+    if ctx.style == "llama":
+        if need_w:
             hx = h.to(ctx.x_dtype)
-            # y = weight * hx: autograd computes both products in the promoted dtype, then casts each
-            # gradient to its input's dtype.
-            grad_w = (gy * hx).reshape(-1, gy.shape[-1]).sum(0).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
-            grad_h = (gy * weight).to(ctx.x_dtype).to(torch.float32)
-        else:
-            gy = gy.to(torch.float32)
-            grad_w = (gy * h).reshape(-1, gy.shape[-1]).sum(0).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
-            grad_h = gy * (1.0 + weight.float())
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (rstd * (grad_h - h * (grad_h * h).mean(-1, keepdim=True))).to(ctx.x_dtype)
-        return grad_x, grad_w, None, None, None, None, None, None, None
+            grad_w = (gy * hx).reshape(-1, gy.shape[-1]).sum(0, dtype=sum_dtype)
+            del hx
+        grad_h = (gy * weight).to(ctx.x_dtype).to(torch.float32)
+    else:
+        gy = gy.to(torch.float32)
+        grad_w = (gy * h).reshape(-1, gy.shape[-1]).sum(0, dtype=sum_dtype) if need_w else None
+        grad_h = gy * (1.0 + weight.float())
+    grad_x = (rstd * (grad_h - h * (grad_h * h).mean(-1, keepdim=True))).to(ctx.x_dtype) if need_x else None
+    return grad_x, grad_w
+
+
+def _compressed_backward(ctx, grad_y):
+    """The compressed mode's backward by row chunks: each chunk's h dequantized from its codes, its rows of
+    grad_x written, its part of grad_w summed in float32; so backward holds grad_x and a few chunk-sized
+    pieces, not a float32 h and the products of the whole input (several input-sized float32 tensors at a
+    long context)."""
+    weight, packed, lo, scale, rstd = ctx.saved_tensors
+    cols = ctx.shape[-1]
+    gy2, rstd2 = grad_y.reshape(-1, cols), rstd.reshape(-1, 1)
+    n = gy2.shape[0]
+    step = max(8, NORM_CHUNK_BYTES // (4 * cols) // 8 * 8)  # a multiple of 8: the codes' rows start on a byte
+    need_x, need_w = ctx.needs_input_grad[:2]
+    grad_x = torch.empty((n, cols), dtype=ctx.x_dtype, device=gy2.device) if need_x else None
+    grad_w = torch.zeros(cols, dtype=torch.float32, device=gy2.device) if need_w else None
+    codes = (packed, lo, scale)
+    for r0 in chunk_starts(n, step):
+        r1 = min(n, r0 + step)
+        h = ctx.q_meta.rows(codes, torch.float32, r0, r1)
+        part_x, part_w = _grads_of_rows(ctx, gy2[r0:r1], h, weight, rstd2[r0:r1], need_x, need_w,
+                                        sum_dtype=torch.float32)
+        if need_x:
+            grad_x[r0:r1] = part_x
+        if need_w:
+            grad_w += part_w
+        del h, part_x, part_w
+    return (None if grad_x is None else grad_x.view(ctx.shape),
+            None if grad_w is None else grad_w.to(ctx.w_dtype), None, None, None, None, None, None, None)
 
 
 class _ExactRecipe:
@@ -121,13 +155,22 @@ class _ExactRecipe:
 
 
 class _CompressedRecipe:
-    """Rebuilds y ~ w' * h_hat from h's codes and a weight copy. Holds no tensor."""
+    """Rebuilds y ~ w' * h_hat, as [rows, cols], from h's codes and a weight copy: whole, or rows r0:r1 alone
+    (`rows`, r0 a multiple of 8), so a reader's weight gradient rebuilds its input in bounded chunks
+    (functional.linear.restored_weight_grad) instead of a float32 h and a y of the whole input at once. Holds
+    no tensor."""
+
+    row_cost = 2  # h_hat in float32 and y, per rebuilt row
 
     def __init__(self, style, x_dtype, restore_h, shape):
         self.style, self.x_dtype, self.restore_h, self.cols = style, x_dtype, restore_h, shape[-1]
 
     def __call__(self, packed, lo, scale, weight, *, dtype):
-        h = self.restore_h((packed, lo, scale), torch.float32)
+        return self.rows(packed, lo, scale, weight, dtype=dtype, r0=0, r1=None)
+
+    def rows(self, packed, lo, scale, weight, *, dtype, r0: int, r1: Optional[int]):
+        codes = (packed, lo, scale)
+        h = self.restore_h(codes, torch.float32) if r1 is None else self.restore_h.rows(codes, torch.float32, r0, r1)
         return _rebuild_output((h,), weight, style=self.style, x_dtype=self.x_dtype, rebuild_h=lambda t: t,
                                dtype=dtype)
 
