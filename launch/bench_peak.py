@@ -135,7 +135,7 @@ def build(spec: dict, rank: int = 0, from_config: bool = False):
     else:
         cls, config = transformers.RobertaForSequenceClassification, transformers.RobertaConfig(**cfg)
     model = cls._from_config(config) if from_config else cls(config)
-    seq = QUICK_SEQ if spec["quick"] else shape["seq"]
+    seq = QUICK_SEQ if spec["quick"] else spec.get("seq") or shape["seq"]  # --seqs sets its own
     g = torch.Generator().manual_seed(1 + rank)
     batch = spec.get("batch") or shape["batch"]  # the batch search sets its own per-rank batch
     ids = torch.randint(3, cfg["vocab_size"], (batch, seq), generator=g)
@@ -442,6 +442,8 @@ def summarize(spec: dict, runs: list[dict]) -> dict:
     over ranks, median over repeats; per-rank medians in *_ranks."""
     row = {k: spec[k] for k in ("shape", "dtype", "variant", "ckpt", "optimizer", "quick")}
     row.update(strategy=spec.get("strategy", "single"), world_size=spec.get("world_size", 1))
+    if spec.get("seq"):
+        row["seq"] = spec["seq"]
     if "threads" in spec:
         row["threads"] = spec["threads"]
     errors = [r["error"] for r in runs if "error" in r]
@@ -485,7 +487,7 @@ def _world(r: dict) -> int:
 
 
 def _group_key(r: dict) -> tuple:
-    return r["shape"], _strategy(r), _world(r), r["dtype"], r["ckpt"], r.get("optimizer", False)
+    return r["shape"], _strategy(r), _world(r), r["dtype"], r["ckpt"], r.get("optimizer", False), r.get("seq")
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
@@ -531,7 +533,8 @@ def markdown(rows: list[dict], meta: dict, max_batch: list[dict] | None = None) 
                               "|---|---|---:|---:|---:|---:|---|"]
                 notes = []
                 for ckpt in dict.fromkeys([*CKPT_MODES, *(r["ckpt"] for r in group)]):
-                    for r in [r for r in group if r["dtype"] == dtype and r["ckpt"] == ckpt]:
+                    for r in sorted((r for r in group if r["dtype"] == dtype and r["ckpt"] == ckpt),
+                                    key=lambda r: r.get("seq") or 0):
                         if "error" in r:
                             lines.append(f"| {ckpt} | {r['variant']} | error: {r['error'][:160]} | | | |"
                                          + (" |" if multi else "") + " |")
@@ -545,7 +548,8 @@ def markdown(rows: list[dict], meta: dict, max_batch: list[dict] | None = None) 
                             saved = f"{r['saved_mib']:.1f}"
                         runs = ", ".join(f"{x:.0f}" for x in r["peak_mib_runs"])
                         ranks = " / ".join(f"{x:.0f}" for x in r.get("peak_mib_ranks", []))
-                        lines.append(f"| {ckpt} | {r['variant']} | {r['peak_mib']:.0f} | {ratio} | {saved} | "
+                        label = f"{ckpt}, {r['seq']} tokens" if r.get("seq") else ckpt
+                        lines.append(f"| {label} | {r['variant']} | {r['peak_mib']:.0f} | {ratio} | {saved} | "
                                      f"{sratio} | " + (f"{ranks} | " if multi else "") + f"{runs} |")
                 lines.append("")
                 if notes:
@@ -739,6 +743,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mmap-threshold", type=int, default=None,
                    help="glibc MALLOC_MMAP_THRESHOLD_ for the runs (bytes): allocations above it are mapped and "
                         "returned to the OS when freed, so heap fragmentation stops counting toward RSS")
+    p.add_argument("--seqs", default=None,
+                   help="comma list of sequence lengths to sweep instead of the shape's own (a row per length)")
     p.add_argument("--search-batch", action="store_true",
                    help="instead of the rows: per configuration, the largest per-rank batch whose real peak stays "
                         "within --budget-mib (doubling, then bisection; each probe one fresh run, one repeat)")
@@ -755,6 +761,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.dtypes = csv_list(args.dtypes or ("fp32" if args.quick else "fp32,bf16"), "dtypes", DTYPES)
     args.ckpt = csv_list(args.ckpt, "ckpt", CKPT_MODES)
     args.presets = [v.strip() for v in args.presets.split(",") if v.strip() and v.strip() != "vanilla"]
+    if args.seqs is not None:
+        try:
+            args.seqs = [int(v) for v in args.seqs.split(",") if v.strip()]
+        except ValueError:
+            raise SystemExit(f"--seqs takes a comma list of sequence lengths, got {args.seqs!r}") from None
+        if not args.seqs or min(args.seqs) < 1 or args.quick:
+            raise SystemExit(f"--seqs takes positive lengths (and not --quick, whose length is fixed), got "
+                             f"{args.seqs}")
     for name in ("world_size", "threads", "repeats", "batch_start", "batch_limit"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -820,7 +834,10 @@ def main(argv=None) -> None:
     malloc_env = {} if args.mmap_threshold is None else {"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)}
     rows, searches, t0 = [], [], time.perf_counter()
     seq = QUICK_SEQ if args.quick else SHAPES[shape]["seq"]
-    for strategy in args.strategies:
+    seqs = args.seqs or [None]  # None: the shape's own
+    if args.seqs and args.search_batch:
+        raise SystemExit("--seqs sweeps rows; --search-batch searches at the shape's own sequence length")
+    for strategy, length in ((s, n) for s in args.strategies for n in seqs):
         ws = 1 if strategy == "single" else args.world_size
         threads = args.threads if strategy == "single" else max(1, args.threads // ws)
         for dtype in args.dtypes:
@@ -829,10 +846,11 @@ def main(argv=None) -> None:
                     optimizer = "in-backward" if args.optimizer_in_backward else args.optimizer
                     spec = dict(shape=shape, dtype=dtype, variant=variant, ckpt=ckpt, optimizer=optimizer,
                                 quick=args.quick, trace=args.trace, threads=threads, strategy=strategy,
-                                world_size=ws)
+                                world_size=ws, **({"seq": length} if length else {}))
                     if strategy == "zero3" and args.zero3_config:
                         spec["zero3_config"] = str(Path(args.zero3_config).resolve())
-                    where = f"{shape} {strategy} x{ws} {dtype} {ckpt:9s} {variant:10s}"
+                    where = (f"{shape} {strategy} x{ws} {dtype} {ckpt:9s} {variant:10s}"
+                             + (f" {length} tokens" if length else ""))
                     if args.search_batch:
                         searches.append(search_entry(spec, args, malloc_env, seq, where, t0))
                         continue
@@ -851,7 +869,8 @@ def main(argv=None) -> None:
     info = machine_info("cpu")
     sizes = dict(SHAPES[shape]["config"], **(QUICK if args.quick else {}))
     multi = [s for s in args.strategies if s != "single"]
-    tokens = f"x {seq} tokens{' per rank' if multi else ''}"
+    tokens = (f"x {seq if not args.seqs else '/'.join(map(str, args.seqs))} tokens"
+              f"{' per rank' if multi else ''}")
     batch_text = (f"the largest batch {tokens} within {args.budget_mib:g} MiB" if args.search_batch
                   else f"batch {SHAPES[shape]['batch']} {tokens}")
     title = (f"{shape}: {sizes['num_hidden_layers']} layers x {sizes['hidden_size']}, {batch_text}"

@@ -63,7 +63,7 @@ def _peak_shape(run_meta: dict, row: dict):
     shape = SHAPES[row["shape"]]
     cfg = dict(shape["config"], **(QUICK if row.get("quick") else {}))
     cls = transformers.LlamaConfig if shape["family"] == "llama" else transformers.RobertaConfig
-    seq = QUICK_SEQ if row.get("quick") else shape["seq"]
+    seq = QUICK_SEQ if row.get("quick") else row.get("seq") or shape["seq"]
     return cls(**cfg), row.get("batch") or shape["batch"], seq
 
 

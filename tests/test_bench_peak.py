@@ -102,6 +102,21 @@ def test_ratios_against_the_same_strategys_vanilla(bp):
     assert lone[0]["peak_vs_vanilla"] is None and lone[1]["peak_vs_vanilla"] == 1.0
 
 
+def test_a_sequence_sweep_compares_each_length_with_its_own_vanilla(bp):
+    """--seqs: each row carries its length; ratios are taken against vanilla at the same length; the build
+    makes that length's batch; the page labels each row with its length."""
+    rows = bp.add_ratios([bp.summarize(dict(spec(variant, ckpt="hf"), seq=n), [rank(peak)])
+                          for n, peaks in ((1024, (100, 50)), (4096, (400, 100)))
+                          for variant, peak in zip(("vanilla", "max-saving"), peaks)])
+    assert [(r["seq"], r["peak_vs_vanilla"]) for r in rows] == [(1024, 1.0), (1024, 0.5), (4096, 1.0), (4096, 0.25)]
+    text = bp.markdown(rows, {"title": "t", "method": "m", "machine_line": "x", "command": "c"})
+    assert "| hf, 4096 tokens | max-saving | 100 | 0.25 |" in text
+    assert bp.parse_args(["--seqs", "1024,4096"]).seqs == [1024, 4096]
+    pytest.importorskip("transformers")
+    _, batch = bp.build(dict(spec(), quick=False, shape="smollm2", seq=64))
+    assert tuple(batch["input_ids"].shape) == (bp.SHAPES["smollm2"]["batch"], 64)
+
+
 def test_markdown_one_section_per_strategy(bp):
     md = bp.markdown(synthetic_rows(bp), META)
     heads = [line for line in md.splitlines() if line.startswith("## ")]
@@ -217,7 +232,8 @@ def test_unknown_strategy_names_the_argument_and_the_allowed_values(bp):
 BAD = [(["--dtypes", "fp16"], "--dtypes"), (["--ckpt", "reentrant"], "--ckpt"), (["--strategies", ""], "--strategies"),
        (["--world-size", "0"], "--world-size"), (["--repeats", "0"], "--repeats"), (["--threads", "0"], "--threads"),
        (["--optimizer", "--optimizer-in-backward"], "--optimizer-in-backward"),
-       (["--optimizer-in-backward", "--strategies", "single,fsdp2"], "--strategies single")]
+       (["--optimizer-in-backward", "--strategies", "single,fsdp2"], "--strategies single"),
+       (["--seqs", "1024,x"], "--seqs"), (["--seqs", "0"], "--seqs"), (["--seqs", "512", "--quick"], "--seqs")]
 
 
 @pytest.mark.parametrize("argv, named", BAD)
