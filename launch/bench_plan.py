@@ -3,7 +3,8 @@
     python launch/bench_plan.py validate     # every mmap-threshold run under results/peak: predicted vs measured
     python launch/bench_plan.py project      # Llama-3-8B (FSDP2) and Qwen2.5-7B (ZeRO-3) on 8 x 80 GB, per preset
     python launch/bench_plan.py gloo         # what gloo's reduce-scatter allocates on CPU (the sharded rows' gap)
-    python launch/bench_plan.py              # all three
+    python launch/bench_plan.py long-context # the bench_peak --seqs sweep beside the planner, budgets, plot
+    python launch/bench_plan.py              # all four
 
 validate: each row of results/peak/*/results.json measured with MALLOC_MMAP_THRESHOLD_=65536 (freed tensors go back to
 the OS, so the resident set follows the live tensors; runs with glibc's default threshold measure the allocator
@@ -28,6 +29,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +93,7 @@ def validate(out_dir: Path = OUT, runs_root: Path = ROOT / "results" / "peak") -
                             strategy=r.get("strategy", "single"), world_size=r.get("world_size", 1))
             t0 = time.perf_counter()
             p = plan(spec, r["variant"], full_depth=True)
-            rows.append(dict(run=run, git=meta.get("machine", {}).get("git"), shape=r["shape"], dtype=r["dtype"],
+            rows.append(dict(run=run, git=meta.get("machine", {}).get("git"), shape=r["shape"], seq=seq, dtype=r["dtype"],
                              strategy=spec.strategy, world_size=spec.world_size, ckpt=r["ckpt"],
                              variant=r["variant"], measured_mib=round(r["peak_mib"], 1),
                              predicted_mib=round(p.peak_above_start / MIB, 1),
@@ -191,12 +193,15 @@ def markdown(results: Path) -> str:
                 "longest sequence is the largest multiple of 1024 tokens whose predicted peak fits, searched up to "
                 f"{SEQ_LIMIT} tokens (not capped at the model's trained context).", "",
                 "| model | strategy | checkpointing | batch | preset | peak at 4096 tokens, GiB | phase | longest "
-                "sequence | params | grads | optimizer | saved | framework |",
-                "|---|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+                "sequence | x vanilla's (hf) | params | grads | optimizer | saved | framework |",
+                "|---|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        vanilla = {r["model"]: r["max_seq"] for r in data["rows"]
+                   if r["preset"] == "vanilla" and r.get("checkpointing", "hf") == "hf" and r["max_seq"]}
         for r in data["rows"]:
+            times = f"{r['max_seq'] / vanilla[r['model']]:.1f}" if r["max_seq"] and r["model"] in vanilla else "-"
             out.append(f"| {r['model']} | {r['strategy']} x{r['world_size']} | {r.get('checkpointing', 'hf')} | "
                        f"{r['batch']} | {r['preset']} | "
-                       f"{r['peak_4096_gib']:.2f} | {r['peak_phase']} | {r['max_seq'] or '-'} | "
+                       f"{r['peak_4096_gib']:.2f} | {r['peak_phase']} | {r['max_seq'] or '-'} | {times} | "
                        f"{r['params_gib']:.2f} | {r['grads_gib']:.2f} | {r['optimizer_gib']:.2f} | "
                        f"{r['saved_gib']:.2f} | {r['framework_gib']:.2f} |")
     return "\n".join(out) if out else "_No planner results yet: run `python launch/bench_plan.py`._"
@@ -242,9 +247,130 @@ def gloo(out_dir: Path = OUT) -> dict:
     return result
 
 
+LONG_CONTEXT_BUDGETS_MIB = (512, 1024, 2048)
+
+
+def long_context(results: Path = ROOT / "results", out_dir: Path = OUT) -> dict:
+    """The long-context sweep (`bench_peak.py --seqs`) with the planner beside it: per checkpointing mode and
+    variant, the measured peak at each length and the predicted one (validation.json's rows), and per budget
+    the longest swept length whose measured peak fits and the planner's longest length (128-token steps).
+    Writes results/plan/long_context.json and long_context.png."""
+    from fewbit_dist.plan import PlanSpec, fit
+
+    val = json.loads((out_dir / "validation.json").read_text())["rows"]
+    predicted = {(r["run"], r["seq"], r["ckpt"], r["variant"]): r["predicted_mib"] for r in val}
+    series = {}
+    run_names = []
+    for path in sorted((results / "peak").glob("*/results.json")):
+        data = json.loads(path.read_text())
+        rows = [r for r in data.get("rows", []) if r.get("seq") and "peak_mib" in r
+                and r.get("strategy", "single") == "single"]
+        if not rows or str((data["meta"].get("malloc_env") or {}).get("MALLOC_MMAP_THRESHOLD_")) != "65536":
+            continue
+        run_names.append(path.parent.name)
+        for r in rows:
+            key = f"{r['shape']} {r['dtype']} {r['ckpt']} {r['variant']}"
+            series.setdefault(key, dict(shape=r["shape"], dtype=r["dtype"], ckpt=r["ckpt"], variant=r["variant"],
+                                        points=[]))["points"].append(dict(
+                seq=r["seq"], measured_mib=round(r["peak_mib"], 1),
+                predicted_mib=predicted.get((path.parent.name, r["seq"], r["ckpt"], r["variant"]))))
+    for s in series.values():
+        s["points"].sort(key=lambda p: p["seq"])
+        s["longest"] = {}
+        for budget in LONG_CONTEXT_BUDGETS_MIB:
+            fits = [p["seq"] for p in s["points"] if p["measured_mib"] <= budget]
+            config, batch, _ = _peak_shape({}, {"shape": s["shape"]})
+            spec = PlanSpec(model=config, batch=batch, seq=s["points"][0]["seq"], dtype="fp32" if s["dtype"] == "fp32"
+                            else "bf16-autocast", optimizer="none", checkpointing=s["ckpt"])
+            # fit compares whole peaks; the runs measure the peak above the step's start
+            planned = fit(spec, s["variant"], budget * MIB + _start_bytes(spec, s["variant"]), "seq",
+                          limit=SEQ_LIMIT, full_depth=True)["value"]
+            s["longest"][str(budget)] = {"measured_swept": max(fits) if fits else 0, "planned": planned}
+    result = {"meta": {"command": "python launch/bench_plan.py long-context", "runs": run_names,
+                       "budgets_mib": list(LONG_CONTEXT_BUDGETS_MIB), "machine": _machine()},
+              "series": list(series.values())}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "long_context.json").write_text(json.dumps(result, indent=1) + "\n")
+    _plot_long_context(result, out_dir / "long_context.png")
+    return result
+
+
+def _start_bytes(spec, preset: str) -> int:
+    """What the planned step starts with (parameters, here): `fit` compares whole peaks, the runs measure the
+    peak above the start."""
+    from fewbit_dist.plan import plan
+
+    p = plan(replace(spec, seq=128), preset, full_depth=True)
+    return p.peak - p.peak_above_start
+
+
+def _plot_long_context(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {"vanilla": "tab:gray", "exact": "tab:blue", "max-saving": "tab:red"}
+    for s in result["series"]:
+        xs = [p["seq"] for p in s["points"]]
+        style = "-" if s["ckpt"] == "hf" else "--"
+        ax.plot(xs, [p["measured_mib"] for p in s["points"]], style, marker="o", color=colors.get(s["variant"]),
+                label=f"{s['variant']}, {s['ckpt']} checkpointing")
+        pred = [(p["seq"], p["predicted_mib"]) for p in s["points"] if p["predicted_mib"] is not None]
+        if pred:
+            ax.plot(*zip(*pred), linestyle="none", marker="x", color=colors.get(s["variant"]))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("sequence length (tokens, batch 1)")
+    ax.set_ylabel("peak RSS above the step's start (MiB)")
+    ax.set_title("SmolLM2 shape (vocabulary 49152, 8 layers), fp32, one process: measured (o), planned (x)",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def long_context_markdown(results: Path) -> str:
+    path = results / "plan" / "long_context.json"
+    if not path.is_file():
+        return "_No long-context results yet: run `python launch/bench_plan.py long-context`._"
+    data = json.loads(path.read_text())
+    series = data["series"]
+    seqs = sorted({p["seq"] for s in series for p in s["points"]})
+    out = ["Peak RSS of one training step above its start, MiB, measured (planned) per sequence length: "
+           f"runs {', '.join(data['meta']['runs'])} (`python launch/bench_peak.py --shape smollm2-4k --seqs ...`, "
+           "fresh processes, `MALLOC_MMAP_THRESHOLD_=65536`), the planner's prediction for the same step in "
+           "parentheses.", "",
+           "| checkpointing | variant | " + " | ".join(f"{n} tokens" for n in seqs) + " |",
+           "|---|---|" + "---:|" * len(seqs)]
+    for s in series:
+        cells = {p["seq"]: f"{p['measured_mib']:.0f}" + (f" ({p['predicted_mib']:.0f})" if p["predicted_mib"]
+                                                          else "") for p in s["points"]}
+        out.append(f"| {s['ckpt']} | {s['variant']} | " + " | ".join(cells.get(n, "-") for n in seqs) + " |")
+    budgets = data["meta"]["budgets_mib"]
+    out += ["", "The longest sequence within a budget (MiB above the step's start): the longest swept length that "
+            "fit, measured (N+: the longest swept length fitted) / the planner's longest (128-token steps).", "",
+            "| checkpointing | variant | " + " | ".join(f"{b} MiB" for b in budgets) + " |",
+            "|---|---|" + "---:|" * len(budgets)]
+    for s in series:
+        top = max(p["seq"] for p in s["points"])
+
+        def swept(n):  # the longest swept length still fitted: the answer is that or more
+            return f"{n}+" if n == top else str(n)
+
+        out.append(f"| {s['ckpt']} | {s['variant']} | " + " | ".join(
+            f"{swept(s['longest'][str(b)]['measured_swept'])} / {s['longest'][str(b)]['planned']}" for b in budgets)
+            + " |")
+    out += ["", "![peak against sequence length](results/plan/long_context.png)"]
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="?", default="all", choices=("all", "validate", "project", "gloo"))
+    ap.add_argument("what", nargs="?", default="all", choices=("all", "validate", "project", "gloo", "long-context"))
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--models", default="", help="project: only these models (comma list), keep the other rows")
     args = ap.parse_args(argv)
@@ -254,6 +380,8 @@ def main(argv=None) -> int:
         project(args.out, tuple(m for m in args.models.split(",") if m))
     if args.what in ("all", "gloo"):
         gloo(args.out)
+    if args.what in ("all", "long-context"):
+        long_context(out_dir=args.out)
     return 0
 
 

@@ -249,13 +249,14 @@ def peak_block(results: Path = RESULTS) -> str:
             malloc = ", ".join(f"{k}={v}" for k, v in (meta.get("malloc_env") or {}).items()) or "default"
             opt = r.get("optimizer")
             ckpt = r["ckpt"] + (" + AdamW in backward, 2nd step" if opt == "in-backward" else " + AdamW" if opt else "")
-            head = f"| {where} | {r['shape']} | {r['dtype']} | {malloc} | {ckpt} | {r['variant']} |"
+            model = r["shape"] + (f", {r['seq']} tokens" if r.get("seq") else "")  # bench_peak --seqs
+            head = f"| {where} | {model} | {r['dtype']} | {malloc} | {ckpt} | {r['variant']} |"
             if "error" in r or _peak(r) is None:
                 out.append(f"{head} error: {str(r.get('error'))[:100]} | | " + ("| " if per_rank else "") + "| |")
                 continue
             base = next((b for w, _, b in items if w == where and b["variant"] == "vanilla" and "error" not in b
-                         and (b["shape"], b["dtype"], b["ckpt"], b.get("optimizer")) ==
-                         (r["shape"], r["dtype"], r["ckpt"], r.get("optimizer"))), None)
+                         and (b["shape"], b["dtype"], b["ckpt"], b.get("optimizer"), b.get("seq")) ==
+                         (r["shape"], r["dtype"], r["ckpt"], r.get("optimizer"), r.get("seq"))), None)
             ratio = f"{_peak(r) / _peak(base):.2f}" if base and _peak(base) else "-"
             saved = r.get("saved_mib")
             sratio = f"{saved / base['saved_mib']:.2f}" if saved is not None and base and base.get("saved_mib") else "-"
@@ -639,6 +640,13 @@ def plan_block(results: Path = RESULTS) -> str:
     return bench_plan.markdown(results)
 
 
+def long_context_block(results: Path = RESULTS) -> str:
+    """The long-context sweep beside the planner (results/plan/long_context.json, launch/bench_plan.py)."""
+    import bench_plan
+
+    return bench_plan.long_context_markdown(results)
+
+
 # ----------------------------------------------------------------------------------------------- render
 
 BLOCKS = {
@@ -648,6 +656,7 @@ BLOCKS = {
     "memory": memory_block, "tradeoff": tradeoff_block, "tradeoff_figures": tradeoff_figures_block,
     "linear": linear_block, "linear_figures": linear_figures_block, "kernels": kernels_block,
     "kernels_figures": kernels_figures_block, "presets": presets_block, "demo": demo_block, "plan": plan_block,
+    "long_context": long_context_block,
 }
 
 

@@ -247,9 +247,20 @@ def synthetic_results(root: Path) -> Path:
     _write(root / "plan" / "projection.json", {"meta": {"dtype": "bf16-autocast", "checkpointing": "hf",
                                                         "memory": "80GiB"},
                                                "rows": [dict(model="m", strategy="fsdp2", world_size=8, batch=1,
-                                                             preset="max-saving", peak_4096_gib=20.0, peak_phase="bwd",
-                                                             max_seq=65536, params_gib=1.0, grads_gib=1.0,
-                                                             optimizer_gib=2.0, saved_gib=3.0, framework_gib=4.0)]})
+                                                             preset=preset, peak_4096_gib=20.0, peak_phase="bwd",
+                                                             max_seq=seq, params_gib=1.0, grads_gib=1.0,
+                                                             optimizer_gib=2.0, saved_gib=3.0, framework_gib=4.0,
+                                                             **({"checkpointing": "boundary8"} if seq == 65536
+                                                                else {}))
+                                                        for preset, seq in (("vanilla", 16384),
+                                                                            ("max-saving", 65536))]})
+    # bench_plan.py long-context: one series of two swept lengths
+    _write(root / "plan" / "long_context.json", {
+        "meta": {"runs": ["sweep"], "budgets_mib": [512]},
+        "series": [dict(shape="s", dtype="fp32", ckpt="hf", variant="max-saving",
+                        points=[dict(seq=1024, measured_mib=300.0, predicted_mib=290.0),
+                                dict(seq=2048, measured_mib=400.0, predicted_mib=None)],
+                        longest={"512": {"measured_swept": 2048, "planned": 3072}})]})
     return root
 
 
@@ -292,7 +303,10 @@ EXPECTED = {
     "demo": (["$ python launch/demo.py\nline one 49.13 MiB\nline two\n```"], ["noise"]),
     "plan": (["Predicted / measured: 1.05 to 1.05 over 1 rows.", "| r (abc) | zero3 x2 | hf | exact | 200 | 210 | 1.05 |",
               "Left out: old-run: glibc's default malloc threshold.",
-              "| m | fsdp2 x8 | 1 | max-saving | 20.00 | bwd | 65536 | 1.00 | 1.00 | 2.00 | 3.00 | 4.00 |"], []),
+              "| m | fsdp2 x8 | boundary8 | 1 | max-saving | 20.00 | bwd | 65536 | 4.0 | 1.00 | 1.00 | 2.00 | 3.00 | "
+              "4.00 |"], []),
+    "long_context": (["runs sweep", "| hf | max-saving | 300 (290) | 400 |", "| hf | max-saving | 2048+ / 3072 |",
+                      "results/plan/long_context.png"], []),
 }
 
 
