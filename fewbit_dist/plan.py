@@ -12,12 +12,12 @@ activations and temporaries) and SavedTensorMeter, with the innermost module of 
 and which modules keep it. Nothing about the blocks is assumed: custom autograd functions, compressed saved tensors,
 LoRA, checkpointing and the fused loss are traced as they run.
 
-Three things make the trace the real step's and quick: where two gradients of one tensor meet, the autograd
-engine adds one into the other in place, which it cannot do under a dispatch mode, so the tracker does it
-(`_called_by_autograd_engine`); Python's cycle collector is off during the trace (fake tensors form cycles, and a
-collection at a random op made the peak vary); and chunked loops run as their first two chunks and the last
-(fewbit_dist.chunks: every later chunk allocates and frees what the second did), so a trace costs about the same
-at 100k tokens as at 4k.
+What makes the trace the real step's, the same every time, and quick: where two gradients of one tensor meet,
+the autograd engine adds one into the other in place, which it cannot do under a dispatch mode, so the tracker
+does it (`_called_by_autograd_engine`); Python's cycle collector and FakeTensorMode's dispatch cache are off
+during the trace (each made a tensor die at another op in some traces, so the peak varied from run to run); and
+chunked loops run as their first two chunks and the last (fewbit_dist.chunks: every later chunk allocates and
+frees what the second did), so a trace costs about the same at 100k tokens as at 4k.
 
 Depth: blocks repeat, so the step is traced with 2 and 3 blocks and every figure is extrapolated linearly to the
 config's depth (per phase: forward, backward and optimizer peaks separately). `full_depth=True` traces the real
