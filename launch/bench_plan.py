@@ -277,14 +277,13 @@ def long_context(results: Path = ROOT / "results", out_dir: Path = OUT) -> dict:
     for s in series.values():
         s["points"].sort(key=lambda p: p["seq"])
         s["longest"] = {}
+        config, batch, _ = _peak_shape({}, {"shape": s["shape"]})
+        spec = PlanSpec(model=config, batch=batch, seq=s["points"][0]["seq"], dtype="fp32" if s["dtype"] == "fp32"
+                        else "bf16-autocast", optimizer="none", checkpointing=s["ckpt"])
+        start = _start_bytes(spec, s["variant"])  # fit compares whole peaks; the runs measure above the start
         for budget in LONG_CONTEXT_BUDGETS_MIB:
             fits = [p["seq"] for p in s["points"] if p["measured_mib"] <= budget]
-            config, batch, _ = _peak_shape({}, {"shape": s["shape"]})
-            spec = PlanSpec(model=config, batch=batch, seq=s["points"][0]["seq"], dtype="fp32" if s["dtype"] == "fp32"
-                            else "bf16-autocast", optimizer="none", checkpointing=s["ckpt"])
-            # fit compares whole peaks; the runs measure the peak above the step's start
-            planned = fit(spec, s["variant"], budget * MIB + _start_bytes(spec, s["variant"]), "seq",
-                          limit=SEQ_LIMIT, full_depth=True)["value"]
+            planned = fit(spec, s["variant"], budget * MIB + start, "seq", limit=SEQ_LIMIT, full_depth=True)["value"]
             s["longest"][str(budget)] = {"measured_swept": max(fits) if fits else 0, "planned": planned}
     result = {"meta": {"command": "python launch/bench_plan.py long-context", "runs": run_names,
                        "budgets_mib": list(LONG_CONTEXT_BUDGETS_MIB), "machine": _machine()},
