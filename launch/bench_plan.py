@@ -146,8 +146,8 @@ def project(out_dir: Path = OUT, models: tuple = ()) -> dict:
                 p = plan(spec, preset)
                 # the longest sequence at batch 1 only: a batch-8 search costs as much again for an answer
                 # about an eighth as long
-                longest = fit(spec, preset, memory, "seq", limit=SEQ_LIMIT, granularity=1024) if batch == 1 \
-                    else None
+                longest = fit(spec, preset, memory, "seq", limit=SEQ_LIMIT, granularity=1024,
+                              known={spec.seq: p.peak}) if batch == 1 else None
                 rows.append(dict(model=setting["model"], strategy=spec.strategy, world_size=spec.world_size,
                                  checkpointing=ckpt, batch=batch, preset=preset, peak_4096_gib=round(p.peak / GIB, 2),
                                  peak_phase=p.peak_phase, max_seq=longest["value"] if longest else None,
@@ -281,10 +281,13 @@ def long_context(results: Path = ROOT / "results", out_dir: Path = OUT) -> dict:
         spec = PlanSpec(model=config, batch=batch, seq=s["points"][0]["seq"], dtype="fp32" if s["dtype"] == "fp32"
                         else "bf16-autocast", optimizer="none", checkpointing=s["ckpt"])
         start = _start_bytes(spec, s["variant"])  # fit compares whole peaks; the runs measure above the start
+        probes = {}  # every budget's search reuses the plans of the searches before it
         for budget in LONG_CONTEXT_BUDGETS_MIB:
             fits = [p["seq"] for p in s["points"] if p["measured_mib"] <= budget]
-            planned = fit(spec, s["variant"], budget * MIB + start, "seq", limit=SEQ_LIMIT, full_depth=True)["value"]
-            s["longest"][str(budget)] = {"measured_swept": max(fits) if fits else 0, "planned": planned}
+            found = fit(spec, s["variant"], budget * MIB + start, "seq", limit=SEQ_LIMIT, full_depth=True,
+                        known=probes)
+            probes.update(found["probes"])
+            s["longest"][str(budget)] = {"measured_swept": max(fits) if fits else 0, "planned": found["value"]}
     result = {"meta": {"command": "python launch/bench_plan.py long-context", "runs": run_names,
                        "budgets_mib": list(LONG_CONTEXT_BUDGETS_MIB), "machine": _machine()},
               "series": list(series.values())}
